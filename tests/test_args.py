@@ -1,0 +1,165 @@
+"""Argument parsing: args files, overrides, and checks that name the flag."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from run_mlm import DataTrainingArguments, ModelArguments, check_run_arguments
+from utils.args import parse_args
+from utils.errors import UsageError
+
+from .conftest import REPO
+
+
+def parse(argv):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    return parse_args(parser, argv)
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+BASE_YAML = """
+model_type: bert
+train_file: {train}
+max_seq_length: 64
+learning_rate: 1e-3          # YAML reads this as a string; argparse converts it
+output_dir: {out}
+do_train: true
+report_to: [tensorboard]
+fill_mask_sentences:
+  - "a [MASK] b"
+"""
+
+
+def test_yaml_file_sets_fields_of_all_three_groups(tmp_path, corpus):
+    path = write(tmp_path / "a.yaml", BASE_YAML.format(train=corpus, out=tmp_path / "o"))
+    model_args, data_args, training_args = parse([path])
+    assert model_args.model_type == "bert"
+    assert data_args.train_file == [str(corpus)]  # a single path becomes a list
+    assert data_args.max_seq_length == 64
+    assert data_args.fill_mask_sentences == ["a [MASK] b"]
+    assert training_args.learning_rate == pytest.approx(1e-3)
+    assert training_args.do_train is True
+    assert training_args.report_to == ["tensorboard"]
+
+
+def test_flags_after_the_file_override_it(tmp_path, corpus):
+    path = write(tmp_path / "a.yaml", BASE_YAML.format(train=corpus, out=tmp_path / "o"))
+    _, data_args, training_args = parse([path, "--max_seq_length", "32", "--learning_rate", "5e-4",
+                                         "--output_dir", str(tmp_path / "p")])
+    assert data_args.max_seq_length == 32
+    assert training_args.learning_rate == pytest.approx(5e-4)
+    assert training_args.output_dir == str(tmp_path / "p")
+
+
+def test_json_file(tmp_path, corpus):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"model_type": "roberta", "train_file": [str(corpus)], "mlm_probability": 0.3,
+                                "output_dir": str(tmp_path / "o")}))
+    model_args, data_args, _ = parse([str(path)])
+    assert model_args.model_type == "roberta"
+    assert data_args.mlm_probability == 0.3
+
+
+def test_flags_alone_without_a_file(corpus, tmp_path):
+    model_args, data_args, _ = parse(["--model_type", "bert", "--train_file", str(corpus), str(corpus),
+                                      "--output_dir", str(tmp_path)])
+    assert data_args.train_file == [str(corpus), str(corpus)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model_type: bert\nlearning_rat: 0.1\n", "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+        ("model_type: bert\n  bad: [indent\n", "is not valid YAML"),
+        ("- just\n- a list\n", "must hold a mapping"),
+    ],
+)
+def test_bad_yaml_files_name_the_problem(tmp_path, text, message):
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(UsageError, match=None) as info:
+        parse([path])
+    assert message in str(info.value)
+    assert path in str(info.value)
+
+
+def test_malformed_json_gives_line_and_column(tmp_path):
+    path = write(tmp_path / "bad.json", '{"model_type": "bert",\n "max_seq_length": }')
+    with pytest.raises(UsageError, match=r"not valid JSON: .* line 2, column 20"):
+        parse([path])
+
+
+def test_missing_args_file(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        parse([str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize(
+    "flags, flag_named",
+    [
+        (["--model_name_or_path", "x", "--config_overrides", "hidden_size=8"], "--config_overrides"),
+        (["--model_type", "gpt2"], "--model_type"),
+        ([], "--model_name_or_path"),
+        (["--model_type", "bert", "--mlm_probability", "0"], "--mlm_probability"),
+        (["--model_type", "bert", "--mlm_probability", "1.5"], "--mlm_probability"),
+        (["--model_type", "bert", "--mask_replace_prob", "0.9", "--random_replace_prob", "0.2"],
+         "--random_replace_prob"),
+        (["--model_type", "bert", "--pad_to_max_length"], "--pad_to_max_length"),
+        (["--model_type", "bert", "--validation_split_percentage", "100"], "--validation_split_percentage"),
+        (["--model_type", "bert", "--dataset_name", "wikitext"], "--dataset_name and --train_file"),
+        (["--model_type", "bert", "--tokenizer_vocab_size", "10"], "--tokenizer_vocab_size"),
+    ],
+)
+def test_contradictory_or_invalid_flags_name_the_flag(corpus, tmp_path, flags, flag_named):
+    with pytest.raises(UsageError) as info:
+        parse(["--train_file", str(corpus), "--output_dir", str(tmp_path), *flags])
+    assert flag_named in str(info.value)
+
+
+def test_no_data_and_wrong_extension(tmp_path):
+    with pytest.raises(UsageError, match="no data given"):
+        parse(["--model_type", "bert", "--output_dir", str(tmp_path)])
+    with pytest.raises(UsageError, match=r"--train_file .*corpus\.docx: unsupported extension \.docx"):
+        parse(["--model_type", "bert", "--train_file", str(tmp_path / "corpus.docx")])
+
+
+def test_nothing_to_do_is_an_error(corpus, tmp_path):
+    args = parse(["--model_type", "bert", "--train_file", str(corpus), "--output_dir", str(tmp_path)])
+    with pytest.raises(UsageError, match="--do_train and/or --do_eval"):
+        check_run_arguments(*args)
+
+
+def test_token_is_kept_out_of_the_printed_arguments(corpus, tmp_path):
+    model_args, _, _ = parse(["--model_type", "bert", "--train_file", str(corpus), "--token", "hf_SECRET123",
+                              "--output_dir", str(tmp_path)])
+    assert model_args.token == "hf_SECRET123"
+    assert "hf_SECRET123" not in repr(model_args)
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path, corpus):
+    result = subprocess.run(
+        [sys.executable, "run_mlm.py", "--model_type", "bert", "--train_file", str(corpus),
+         "--mlm_probability", "2", "--do_train", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --mlm_probability 2.0 must be between 0 and 1 (exclusive); 0.15 is BERT's, 0.3 suits large models"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("group", [ModelArguments, DataTrainingArguments])
+def test_every_argument_is_documented_in_help_and_readme(group):
+    import dataclasses
+
+    readme = (REPO / "README.md").read_text()
+    for f in dataclasses.fields(group):
+        assert len(f.metadata.get("help", "")) > 15, f"{f.name} has no help text"
+        assert f"| `{f.name}` |" in readme, f"{f.name} is missing from the README's argument table"

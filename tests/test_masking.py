@@ -1,0 +1,124 @@
+"""The masking collator: which tokens are masked, how, and the fixed masks of the evaluation set."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from utils.masking import build_collator, mask_eval_dataset
+from utils.tokenizer import train_wordpiece_tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=12)) for _ in range(200)]
+    return train_wordpiece_tokenizer(texts, vocab_size=150, model_max_length=64)
+
+
+def data_args(**overrides):
+    values = dict(mlm_probability=0.15, mask_replace_prob=0.8, random_replace_prob=0.1, whole_word_mask=False,
+                  pad_to_multiple_of=None)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def blocks(tokenizer, n_rows=400, length=32, seed=0):
+    """Rows shaped like packed blocks: [CLS] words [SEP] [CLS] words [SEP] ..."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        ids = []
+        while len(ids) < length:
+            ids += tokenizer(" ".join(rng.choice(WORDS, size=6)))["input_ids"]
+        rows.append({"input_ids": ids[:length]})
+    return rows
+
+
+def test_special_tokens_are_never_masked_and_labels_are_set_only_where_masked(tokenizer):
+    torch.manual_seed(0)
+    rows = blocks(tokenizer)
+    original = torch.tensor([r["input_ids"] for r in rows])
+    batch = build_collator(tokenizer, data_args(mlm_probability=0.5))(rows)
+    labels, inputs = batch["labels"], batch["input_ids"]
+    special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    assert special.sum() > 0
+    # No special token carries a label, and special tokens are left as they were.
+    assert (labels[special] == -100).all()
+    assert (inputs[special] == original[special]).all()
+    # Labels hold the original token where set, -100 elsewhere; unlabelled tokens are untouched.
+    labelled = labels != -100
+    assert (labels[labelled] == original[labelled]).all()
+    assert (inputs[~labelled] == original[~labelled]).all()
+
+
+def test_masking_rate_and_80_10_10_split(tokenizer):
+    torch.manual_seed(1)
+    rows = blocks(tokenizer, n_rows=2000)
+    original = torch.tensor([r["input_ids"] for r in rows])
+    batch = build_collator(tokenizer, data_args())(rows)
+    labelled = batch["labels"] != -100
+    maskable = ~torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    rate = labelled.sum().item() / maskable.sum().item()
+    assert rate == pytest.approx(0.15, abs=0.01)
+    chosen_inputs = batch["input_ids"][labelled]
+    chosen_original = original[labelled]
+    as_mask = (chosen_inputs == tokenizer.mask_token_id).float().mean().item()
+    unchanged = (chosen_inputs == chosen_original).float().mean().item()
+    assert as_mask == pytest.approx(0.8, abs=0.02)
+    # 10% are kept; a random replacement occasionally draws the original token too.
+    assert unchanged == pytest.approx(0.1, abs=0.02)
+
+
+def test_replacement_probabilities_are_honoured(tokenizer):
+    torch.manual_seed(2)
+    rows = blocks(tokenizer, n_rows=500)
+    batch = build_collator(tokenizer, data_args(mask_replace_prob=1.0, random_replace_prob=0.0))(rows)
+    labelled = batch["labels"] != -100
+    assert (batch["input_ids"][labelled] == tokenizer.mask_token_id).all()
+
+
+def test_whole_word_mask_masks_all_pieces_of_a_word(tokenizer):
+    torch.manual_seed(3)
+    # Glued words the tokenizer never saw split into known pieces (alpha ##beta).
+    text = "alphabeta gammazeta alpha thetaiota beta"
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    pieces = encoded.word_ids()
+    assert len(pieces) > 7  # unknown words split into pieces
+    rows = [{"input_ids": encoded["input_ids"], "offset_mapping": encoded["offset_mapping"]}] * 300
+    collator = build_collator(tokenizer, data_args(whole_word_mask=True, mlm_probability=0.3))
+    labelled = (collator(rows)["labels"] != -100).numpy()
+    word_ids = np.array([-1 if w is None else w for w in pieces])
+    for row in labelled:
+        for word in set(word_ids[word_ids >= 0]):
+            in_word = row[word_ids == word]
+            assert in_word.all() or not in_word.any(), "a word was partly masked"
+    assert labelled.any()
+
+
+def test_evaluation_set_is_masked_once_and_identically(tokenizer):
+    dataset = Dataset.from_list(blocks(tokenizer, n_rows=50))
+    collator = build_collator(tokenizer, data_args())
+    first = mask_eval_dataset(dataset, collator, seed=7)
+    second = mask_eval_dataset(dataset, collator, seed=7)
+    other_seed = mask_eval_dataset(dataset, collator, seed=8)
+    assert list(first["labels"]) == list(second["labels"])
+    assert list(first["labels"]) != list(other_seed["labels"])
+    # The collator passes pre-masked rows through without masking them again.
+    rows = [first[i] for i in range(8)]
+    batch = collator(rows)
+    assert batch["labels"].tolist() == [r["labels"] for r in rows]
+    assert batch["input_ids"].tolist() == [r["input_ids"] for r in rows]
+
+
+def test_premasked_rows_of_unequal_length_are_padded_with_ignored_labels(tokenizer):
+    rows = [{"input_ids": [2, 10, 11, 3], "labels": [-100, 10, -100, -100]},
+            {"input_ids": [2, 12, 3], "labels": [-100, -100, -100]}]
+    batch = build_collator(tokenizer, data_args(pad_to_multiple_of=8))(rows)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["labels"][1].tolist() == [-100] * 8
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 5

@@ -1,0 +1,47 @@
+"""Masked-token accuracy through the shipped `evaluate` module, batch by batch, without logits."""
+
+import math
+
+import numpy as np
+import torch
+from transformers import EvalPrediction
+
+from utils.metrics import MaskedAccuracy, argmax_logits, perplexity
+
+
+def test_accuracy_counts_only_labelled_positions():
+    metric = MaskedAccuracy()
+    predictions = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    labels = torch.tensor([[5, -100, 0, -100], [-100, 2, -100, -100]])
+    # 3 labelled positions, 2 right; the unlabelled positions (6, 8, 1, 3, 4) do not count.
+    assert metric(EvalPrediction(predictions=predictions, label_ids=labels)) == {"accuracy": 2 / 3}
+
+
+def test_batches_streamed_equal_one_shot():
+    rng = np.random.default_rng(0)
+    predictions = rng.integers(0, 5, size=(12, 10))
+    labels = np.where(rng.random((12, 10)) < 0.3, rng.integers(0, 5, size=(12, 10)), -100)
+    one_shot = MaskedAccuracy()(EvalPrediction(predictions=predictions, label_ids=labels))
+    streamed = MaskedAccuracy()
+    for start in range(0, 12, 4):
+        last = start == 8
+        result = streamed(EvalPrediction(predictions=predictions[start:start + 4], label_ids=labels[start:start + 4]),
+                          compute_result=last)
+        assert (result == {}) != last
+    expected = ((predictions == labels) & (labels != -100)).sum() / (labels != -100).sum()
+    assert result["accuracy"] == one_shot["accuracy"] == expected
+    # The state is reset after a result: a second evaluation starts from zero.
+    assert streamed(EvalPrediction(predictions=predictions[:1], label_ids=predictions[:1]))["accuracy"] == 1.0
+
+
+def test_argmax_keeps_ids_not_logits():
+    logits = torch.randn(2, 3, 50)
+    ids = argmax_logits(logits, None)
+    assert ids.shape == (2, 3) and torch.equal(ids, logits.argmax(-1))
+    assert torch.equal(argmax_logits((logits, torch.zeros(1)), None), ids)
+
+
+def test_perplexity():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(42)) == 42.0 or abs(perplexity(math.log(42)) - 42) < 1e-9
+    assert perplexity(1e6) == float("inf")

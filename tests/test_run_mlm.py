@@ -1,0 +1,166 @@
+"""run_mlm.main() end to end on a tiny model: train, evaluate, save, reload, adapt, resume."""
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+from run_mlm import main
+from utils.errors import UsageError
+
+from .conftest import tiny_run_args, write_repetitive_corpus
+
+SENTENCE = "the cat sees the red ball in the [MASK] ."
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    """One from-scratch run, evaluated at the start and every 20 steps, shared by the tests below."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    metrics = main(tiny_run_args(out, corpus, "--eval_strategy", "steps", "--eval_steps", "20",
+                                 "--eval_on_start", "true", "--fill_mask_sentences", SENTENCE))
+    return out, metrics
+
+
+def eval_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [(e["step"], e["eval_loss"]) for e in state["log_history"] if "eval_loss" in e]
+
+
+def test_eval_loss_falls(trained):
+    out, _ = trained
+    losses = eval_losses(out)
+    assert [step for step, _ in losses] == [0, 20, 40, 60]
+    first, last = losses[0][1], losses[-1][1]
+    # Untrained: near uniform over the 120-token vocabulary (ln 120 = 4.8 nats). Trained:
+    # at least down to the corpus's unigram entropy (3.9 nats, see conftest).
+    assert first > 4.5
+    assert last < first - 0.5, losses
+    assert all(b < a for (_, a), (_, b) in zip(losses, losses[1:3])), losses
+
+
+def test_results_hold_the_metrics_users_read(trained):
+    out, metrics = trained
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("eval_loss", "perplexity", "eval_accuracy", "train_samples", "eval_samples", "train_loss"):
+        assert key in results, key
+    assert results["perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-5)
+    assert 0.05 < results["eval_accuracy"] <= 1.0  # far above chance (1/120)
+    assert metrics["eval_loss"] == results["eval_loss"]
+    # The final evaluation scores the same fixed masks as the last in-training one.
+    assert results["eval_loss"] == pytest.approx(eval_losses(out)[-1][1], abs=1e-6)
+
+
+def test_output_reloads_offline_in_safetensors(trained, corpus, tmp_path):
+    out, metrics = trained
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= names
+    assert "pytorch_model.bin" not in names
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)
+    predictions = fill("the cat sees the red ball in the [MASK] .")
+    assert len(predictions) == 5
+    assert predictions[0]["token_str"] in tokenizer.get_vocab()
+    # Evaluating the saved model (same data, seed, hence the same fixed masks) gives back
+    # the trained run's eval loss: the weights on disk are the weights that were evaluated.
+    args = tiny_run_args(tmp_path / "eval_only", corpus)
+    args = ["--model_name_or_path", str(out), *args[args.index("--train_file"):]]
+    args.remove("--do_train")
+    reloaded = main(args)
+    assert reloaded["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+
+
+def test_model_card_says_what_was_trained_and_how_to_rerun_it(trained):
+    out, metrics = trained
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: fill-mask" in card
+    assert "trained from scratch" in card and "fine-tuned version of" not in card
+    assert "WordPiece, 120 tokens, uncased, trained on the training text" in card
+    assert "Steps: 60" in card
+    assert f"{metrics['eval_loss']:.4f}" in card and f"{metrics['eval_accuracy']:.4f}" in card
+    assert "python run_mlm.py" in card and "run_args.yaml" in card
+
+
+def test_run_args_file_reruns_the_same_training(trained, tmp_path):
+    out, metrics = trained
+    saved = (out / "run_args.yaml").read_text()
+    # What the user chose, not what the script adjusted for this machine.
+    assert "max_steps: 60" in saved and "dataloader_pin_memory" not in saved and "batch_eval_metrics" not in saved
+    # The saved args file parses back into the same arguments (output_dir aside).
+    rerun = main([str(out / "run_args.yaml"), "--output_dir", str(tmp_path / "rerun")])
+    assert rerun["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
+    assert rerun["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-6)
+
+
+def test_tokens_never_reach_the_output_directory(corpus, tmp_path):
+    out = tmp_path / "out"
+    main(tiny_run_args(out, corpus, "--max_steps", "2", "--token", "hf_DoNotLeakMe123", "--hub_token",
+                       "hf_DoNotLeakMe456"))
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"DoNotLeakMe" not in data, path
+
+
+def test_fill_mask_sentences_are_printed_at_the_end(trained, capsys, corpus, tmp_path):
+    main(tiny_run_args(tmp_path / "out", corpus, "--max_steps", "2", "--fill_mask_sentences", "a [MASK] b",
+                       "the <mask> sees"))
+    printed = capsys.readouterr().out
+    assert "Fill-mask predictions:" in printed
+    assert "a [MASK] b\n  -> " in printed and "the <mask> sees\n  -> " in printed
+
+
+def test_adapt_the_trained_model_to_new_text(trained, tmp_path):
+    out, _ = trained
+    other = write_repetitive_corpus(tmp_path / "other.txt", n_lines=400, seed=1)
+    args = tiny_run_args(tmp_path / "adapted", other, "--max_steps", "10")
+    # Replace the from-scratch flags with the pretrained directory.
+    cut = args.index("--train_file")
+    main(["--model_name_or_path", str(out), *args[cut:], "--eval_on_start", "true",
+          "--eval_strategy", "steps", "--eval_steps", "10"])
+    first_eval = json.loads((tmp_path / "adapted" / "trainer_state.json").read_text())["log_history"][0]
+    assert first_eval["step"] == 0
+    assert first_eval["eval_loss"] < 4.3  # starts from the trained weights, not from ln(120) = 4.8
+    assert AutoTokenizer.from_pretrained(tmp_path / "adapted").vocab == AutoTokenizer.from_pretrained(out).vocab
+
+
+def test_line_by_line_run(corpus, tmp_path):
+    metrics = main(tiny_run_args(tmp_path / "out", corpus, "--line_by_line", "--max_steps", "5",
+                                 "--pad_to_multiple_of", "8"))
+    assert metrics["eval_samples"] > 0 and metrics["train_samples"] > 1000  # one example per line
+
+
+def test_resume_continues_from_the_last_checkpoint(corpus, tmp_path, caplog):
+    out = tmp_path / "out"
+    saving = ["--save_strategy", "steps", "--save_steps", "10"]
+    main(tiny_run_args(out, corpus, "--max_steps", "20", *saving))
+    assert (out / "checkpoint-20" / "model.safetensors").exists()
+    assert (out / "checkpoint-20" / "tokenizer.json").exists()
+    first_state = json.loads((out / "trainer_state.json").read_text())
+
+    # The same command with more steps picks up checkpoint-20 by itself.
+    with caplog.at_level(logging.INFO, logger="utils.checkpoints"):
+        main(tiny_run_args(out, corpus, "--max_steps", "30", *saving))
+    assert any("Resuming from" in r.message and "checkpoint-20" in r.message for r in caplog.records)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
+    # The log of the first 20 steps comes back from the checkpoint unchanged.
+    before = [e for e in state["log_history"] if "loss" in e and e["step"] <= 20]
+    assert before == [e for e in first_state["log_history"] if "loss" in e]
+
+
+def test_explicit_resume_from_checkpoint_must_exist(corpus, tmp_path):
+    with pytest.raises(UsageError, match="--resume_from_checkpoint .*nope is not a directory"):
+        main(tiny_run_args(tmp_path / "out", corpus, "--resume_from_checkpoint", str(tmp_path / "nope")))
+
+
+def test_bad_length_for_a_pretrained_model_fails_before_writing_anything(trained, corpus, tmp_path):
+    out, _ = trained
+    args = tiny_run_args(tmp_path / "never", corpus, "--max_seq_length", "100")
+    cut = args.index("--train_file")
+    with pytest.raises(UsageError, match="--max_seq_length 100 exceeds the 64 positions"):
+        main(["--model_name_or_path", str(out), *args[cut:]])
+    assert not (tmp_path / "never").exists()

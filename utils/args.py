@@ -1,0 +1,79 @@
+"""Command-line parsing: an optional YAML/JSON args file, then flags that override it."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from utils.errors import UsageError, one_line
+
+ARGS_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_args_file(path: str) -> dict:
+    """Read a YAML or JSON args file into a dict, with one-line errors for the usual mistakes."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"args file {path} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".json":
+            values = json.loads(text) if text.strip() else {}
+        else:
+            values = yaml.safe_load(text) or {}
+    except json.JSONDecodeError as e:
+        raise UsageError(f"args file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"args file {path} is not valid YAML: {problem}{where}") from e
+    if not isinstance(values, dict):
+        raise UsageError(f"args file {path} must hold a mapping of flag names to values, not a {type(values).__name__}")
+    return values
+
+
+def _check_known_keys(parser: HfArgumentParser, values: dict, path: str) -> None:
+    known = {action.dest for action in parser._actions}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"args file {path}: unknown key {key!r}{hint}")
+
+
+def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
+    """Parse `[ARGS_FILE] [--flag value ...]` into the parser's dataclasses.
+
+    Values from the args file become the parser's defaults, so flags given after the
+    file override them and `--help` shows them. The dataclasses' `__post_init__` checks
+    run on the merged values.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(ARGS_FILE_SUFFIXES):
+        path = argv.pop(0)
+        values = read_args_file(path)
+        _check_known_keys(parser, values, path)
+        # A list given for a single-valued flag (or the reverse) is taken as written.
+        parser.set_defaults(**values)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except (ValueError, TypeError) as e:
+        # Field checks of the dataclasses (ours and transformers') raise these on bad values.
+        raise UsageError(one_line(e, limit=1000)) from e
+
+
+def move_hub_token_to_env(training_args) -> None:
+    """Keep --hub_token out of files: the Trainer pickles its arguments into every checkpoint.
+
+    huggingface_hub reads HF_TOKEN from the environment, so pushes still authenticate.
+    """
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None

@@ -1,0 +1,32 @@
+"""Logging: readable on the main process, quiet on the others."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import datasets
+import transformers
+
+
+def setup_logging(training_args) -> None:
+    """Log INFO from this project on the main process (WARNING elsewhere) and one line per process."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    # --log_level / --log_level_replica set the libraries' verbosity; ours follows the same rule.
+    library_level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(library_level)
+    datasets.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    own_level = logging.INFO if training_args.should_log else logging.WARNING
+    for name in ("run_mlm", "utils"):
+        logging.getLogger(name).setLevel(min(own_level, library_level))
+    logging.getLogger("run_mlm").warning(
+        "Process rank %d of %d, device %s, bf16 %s, fp16 %s",
+        training_args.process_index, training_args.world_size, training_args.device,
+        training_args.bf16, training_args.fp16,
+    )

@@ -1,0 +1,159 @@
+"""Model configuration and construction: pretrained, or from scratch with overrides."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForMaskedLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from utils.errors import UsageError, one_line
+
+logger = logging.getLogger(__name__)
+
+MLM_MODEL_TYPES = tuple(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+# These families number positions from padding_idx + 1 (RoBERTa's convention), so a
+# table of 512 holds sequences of at most 512 - padding_idx - 1 tokens (transformers#22495).
+POSITION_OFFSET_MODEL_TYPES = {
+    "camembert", "data2vec-text", "esm", "ibert", "longformer", "luke", "mpnet", "roberta",
+    "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod",
+}
+
+
+def _hub_kwargs(model_args) -> dict:
+    return {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+
+
+def load_config(model_args):
+    """The model configuration: from `config_name`, `model_name_or_path`, or `model_type` + `config_overrides`."""
+    source, flag = (
+        (model_args.config_name, "config_name") if model_args.config_name else
+        (model_args.model_name_or_path, "model_name_or_path")
+    )
+    if source:
+        try:
+            return AutoConfig.from_pretrained(source, **_hub_kwargs(model_args))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--{flag} {source}: cannot load a model configuration ({one_line(e)})") from e
+    config_class = CONFIG_MAPPING[model_args.model_type]
+    if not model_args.config_overrides:
+        return config_class()
+    logger.info("Overriding config: %s", model_args.config_overrides)
+    # update_from_string parses and types the values; building a fresh config from them
+    # then recomputes derived fields (ModernBERT's layer_types follows num_hidden_layers).
+    parsed = config_class()
+    try:
+        parsed.update_from_string(model_args.config_overrides)
+    except ValueError as e:
+        raise UsageError(f"--config_overrides {model_args.config_overrides!r}: {one_line(e)}") from e
+    keys = [pair.split("=", 1)[0].strip() for pair in model_args.config_overrides.split(",") if pair.strip()]
+    try:
+        config = config_class(**{key: getattr(parsed, key) for key in keys})
+        validate = getattr(config, "validate", None)
+        if validate is not None:
+            validate()  # otherwise an invalid config only fails when the trained model is saved
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--config_overrides {model_args.config_overrides!r}: {one_line(e)}") from e
+    return config
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence the model's position embeddings can take (None when unbounded)."""
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is None:
+        return None
+    if config.model_type in POSITION_OFFSET_MODEL_TYPES:
+        return max_positions - (config.pad_token_id or 0) - 1
+    return max_positions
+
+
+def resolve_max_seq_length(requested: int | None, tokenizer, config, from_scratch: bool, overrides: str | None) -> int:
+    """The block length: `requested` when the tokenizer and the model can take it, else a clear error.
+
+    Unset, it is the smaller of the tokenizer's and the model's limits (at most 1024, as in
+    the reference). From scratch, a position table too short for `requested` is grown,
+    unless the user set its size in --config_overrides: there are no trained weights to keep.
+    """
+    model_limit = position_limit(config)
+    # Tokenizers with no declared limit report a huge sentinel (VERY_LARGE_INTEGER).
+    tokenizer_limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
+    if requested is None:
+        limits = [n for n in (model_limit, tokenizer_limit, 1024) if n is not None]
+        return min(limits)
+    if requested < 2:
+        raise UsageError(f"--max_seq_length {requested} is too short; use at least 2 (typically 128 or 512)")
+    if model_limit is not None and requested > model_limit:
+        set_by_user = overrides is not None and "max_position_embeddings" in overrides
+        if from_scratch and not set_by_user:
+            grown = requested + (config.max_position_embeddings - model_limit)
+            logger.info("Growing max_position_embeddings from %d to %d to fit --max_seq_length %d",
+                        config.max_position_embeddings, grown, requested)
+            config.max_position_embeddings = grown
+        else:
+            raise UsageError(
+                f"--max_seq_length {requested} exceeds the {model_limit} positions this {config.model_type} model "
+                f"has; use --max_seq_length {model_limit} or less"
+                + ("" if not from_scratch else " or raise max_position_embeddings in --config_overrides")
+            )
+    if tokenizer_limit is not None and requested > tokenizer_limit and not from_scratch:
+        raise UsageError(
+            f"--max_seq_length {requested} exceeds the tokenizer's model_max_length ({tokenizer_limit}); "
+            f"use --max_seq_length {tokenizer_limit} or less"
+        )
+    return requested
+
+
+def build_model(model_args, config, tokenizer):
+    """Load pretrained weights or initialise a new model; make the embeddings cover the tokenizer."""
+    dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    if model_args.model_name_or_path:
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(
+                model_args.model_name_or_path,
+                config=config,
+                dtype=model_args.dtype if model_args.dtype == "auto" else dtype,
+                **_hub_kwargs(model_args),
+            )
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model "
+                             f"({one_line(e)})") from e
+    else:
+        logger.info("Training a new %s model from scratch", config.model_type)
+        model = AutoModelForMaskedLM.from_config(
+            config, trust_remote_code=model_args.trust_remote_code, dtype=dtype
+        )
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("Model: %s, %.2fM parameters", type(model).__name__, n_params / 1e6)
+    # A tokenizer with more tokens than the embedding table would index past its end.
+    embedding_size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embedding_size:
+        logger.info("Resizing token embeddings from %d to %d", embedding_size, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def fit_config_to_tokenizer(config, tokenizer) -> None:
+    """From scratch: size the vocabulary and special ids to the tokenizer the model will read.
+
+    A BERT-style tokenizer has no bos/eos tokens; its [CLS]/[SEP] play those roles, so
+    configs that name bos/eos ids (RoBERTa, ModernBERT) point at them instead of at ids
+    that do not exist in the new vocabulary.
+    """
+    config.vocab_size = len(tokenizer)
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
+    }
+    for name, token_id in ids.items():
+        if hasattr(config, name) or name == "pad_token_id":
+            setattr(config, name, token_id)

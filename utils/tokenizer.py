@@ -1,0 +1,99 @@
+"""Tokenizers: load a pretrained one, or train a WordPiece tokenizer on the training text."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from utils.errors import UsageError, one_line
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                  "mask_token": "[MASK]"}
+
+
+def train_wordpiece_tokenizer(
+    texts: Iterator[list[str]] | Iterator[str], vocab_size: int, lowercase: bool = True, model_max_length: int = 512
+) -> PreTrainedTokenizerFast:
+    """Train a BERT-style WordPiece tokenizer ([CLS] text [SEP]) on `texts` (strings or batches of them)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+def _text_batches(dataset, text_column: str, batch_size: int = 1000) -> Iterator[list[str]]:
+    for batch in dataset.iter(batch_size=batch_size):
+        yield [t for t in batch[text_column] if t and not t.isspace()]
+
+
+def train_or_load_cached_tokenizer(
+    train_dataset, text_column: str, vocab_size: int, lowercase: bool, model_max_length: int, cache_root: Path
+) -> PreTrainedTokenizerFast:
+    """Train a WordPiece tokenizer on `train_dataset`, or reuse the one trained on the same data and settings.
+
+    The cache (keyed on the dataset's fingerprint and the settings) lets the other
+    processes of a distributed run, and reruns, load the tokenizer the main process trained.
+    """
+    key = f"{train_dataset._fingerprint}-{text_column}-{vocab_size}-{lowercase}-{model_max_length}"
+    directory = cache_root / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (directory / "tokenizer.json").exists():
+        logger.info("Reusing the tokenizer trained earlier on the same data: %s", directory)
+        return AutoTokenizer.from_pretrained(directory)
+    logger.info("Training a WordPiece tokenizer (vocab %d, lowercase=%s) on the training split", vocab_size, lowercase)
+    tokenizer = train_wordpiece_tokenizer(
+        _text_batches(train_dataset, text_column), vocab_size, lowercase, model_max_length
+    )
+    # Save under a temporary name, then rename: a reader never sees half a tokenizer.
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, directory)
+    except OSError:  # another process finished first; its tokenizer is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Trained tokenizer: %d tokens, saved to %s", len(tokenizer), directory)
+    return tokenizer
+
+
+def load_pretrained_tokenizer(name_or_path: str, model_args, flag: str):
+    """Load a tokenizer from a directory or the hub; `flag` names the argument it came from."""
+    try:
+        return AutoTokenizer.from_pretrained(
+            name_or_path,
+            cache_dir=model_args.cache_dir,
+            use_fast=model_args.use_fast_tokenizer,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    except OSError as e:
+        raise UsageError(f"--{flag} {name_or_path}: cannot load a tokenizer ({one_line(e)})") from e
+
+
+def check_mask_token(tokenizer, source: str) -> None:
+    """MLM needs a mask token; say so before any work is done."""
+    if tokenizer.mask_token is None:
+        raise UsageError(
+            f"the tokenizer from {source} has no mask token, which masked language modeling needs; "
+            "use a tokenizer made for MLM (BERT, RoBERTa, ...) or omit --tokenizer_name to train one"
+        )
