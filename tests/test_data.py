@@ -168,6 +168,11 @@ def test_dataset_name_loads_a_local_dataset_directory(tmp_path):
     assert list(raw["validation"]["text"]) == LINES[30:]
 
 
+def test_unreachable_hub_dataset_is_a_clear_error():
+    with pytest.raises(UsageError, match=r"--dataset_name someone/absent-corpus: cannot load the dataset \(offline"):
+        load_raw_datasets(data_args(dataset_name="someone/absent-corpus"), MODEL_ARGS)
+
+
 def test_preprocess_packs_fixed_blocks_without_padding(tmp_path, tokenizer):
     path = write_all_formats(tmp_path)["txt"]
     args = data_args(train_file=[str(path)], validation_split_percentage=25)
@@ -206,3 +211,16 @@ def test_corpus_shorter_than_one_block_is_a_clear_error(tmp_path, tokenizer):
     raw = load_raw_datasets(args, MODEL_ARGS)
     with pytest.raises(UsageError, match=r"fewer tokens than one block of 64 \(--max_seq_length\)"):
         preprocess_datasets(raw, tokenizer, args, 64, no_barrier)
+
+
+def test_two_preprocessing_workers_give_full_blocks(tmp_path, tokenizer):
+    path = tmp_path / "many.txt"
+    path.write_text("\n".join(LINES * 20) + "\n")
+    args = data_args(train_file=[str(path)], validation_split_percentage=0)
+    raw = load_raw_datasets(args, MODEL_ARGS)
+    one = preprocess_datasets(raw, tokenizer, args, 16, no_barrier)["train"]
+    args.preprocessing_num_workers = 2
+    two = preprocess_datasets(raw, tokenizer, args, 16, no_barrier)["train"]
+    assert all(len(ids) == 16 for ids in two["input_ids"])
+    # Each worker drops at most one partial block of its shard.
+    assert len(one) - 2 <= len(two) <= len(one)

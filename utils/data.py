@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
-from utils.errors import UsageError
+from utils.errors import UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,17 @@ def load_raw_datasets(data_args, model_args, train_files: list[str] | None = Non
     """
     common = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     if data_args.dataset_name is not None:
-        raw = load_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            streaming=data_args.streaming,
-            **common,
-        )
+        try:
+            raw = load_dataset(
+                data_args.dataset_name,
+                data_args.dataset_config_name,
+                streaming=data_args.streaming,
+                **common,
+            )
+        except (ConnectionError, FileNotFoundError, ValueError) as e:
+            offline = " (offline: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" if _offline() else ""
+            raise UsageError(f"--dataset_name {data_args.dataset_name}: cannot load the dataset{offline}: "
+                             f"{one_line(e)}") from e
     else:
         raw = DatasetDict()
         for split, patterns, flag in (
@@ -90,6 +95,12 @@ def load_raw_datasets(data_args, model_args, train_files: list[str] | None = Non
     if "validation" not in raw and "train" in raw and data_args.validation_split_percentage > 0:
         raw["validation"], raw["train"] = split_off_validation(raw["train"], data_args.validation_split_percentage)
     return raw
+
+
+def _offline() -> bool:
+    from datasets import config
+
+    return bool(config.HF_HUB_OFFLINE)
 
 
 def split_off_validation(dataset: Dataset, percentage: float) -> tuple[Dataset, Dataset]:
