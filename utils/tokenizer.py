@@ -54,6 +54,8 @@ def train_or_load_cached_tokenizer(
 
     The cache (keyed on the dataset's fingerprint and the settings) lets the other
     processes of a distributed run, and reruns, load the tokenizer the main process trained.
+    That matters beyond speed: training twice on the same text can give different
+    vocabularies (tie-breaking in hash-map order, huggingface/tokenizers#1794).
     """
     key = f"{train_dataset._fingerprint}-{text_column}-{vocab_size}-{lowercase}-{model_max_length}"
     directory = cache_root / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
