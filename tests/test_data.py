@@ -224,3 +224,20 @@ def test_two_preprocessing_workers_give_full_blocks(tmp_path, tokenizer):
     assert all(len(ids) == 16 for ids in two["input_ids"])
     # Each worker drops at most one partial block of its shard.
     assert len(one) - 2 <= len(two) <= len(one)
+
+
+def test_tokenization_is_cached_across_tokenizer_instances(tmp_path, tokenizer):
+    # The cache key hashes the tokenizer; two loads of the same tokenizer must hit the same
+    # cache, or every run and every rank would tokenize again.
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    path = write_all_formats(tmp_path)["txt"]
+    args = data_args(train_file=[str(path)], validation_split_percentage=0)
+    raw = load_raw_datasets(args, MODEL_ARGS)
+    first = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16, no_barrier)
+    second = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16, no_barrier)
+    assert first["train"].cache_files and first["train"].cache_files == second["train"].cache_files
+    args.overwrite_cache = True
+    third = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16, no_barrier)
+    assert list(third["train"]["input_ids"]) == list(first["train"]["input_ids"])
