@@ -20,18 +20,25 @@ Every `transformers.TrainingArguments` flag is accepted too. `python run_mlm.py 
 from __future__ import annotations
 
 import logging
-import os
 import sys
+import time
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from utils import data, distributed, metrics, modeling
+from utils import tokenizer as tokenizers
 from utils.args import move_hub_token_to_env, parse_args
 from utils.checkpoints import find_resume_checkpoint
-from utils.corpus import BUILTIN_CORPORA
+from utils.corpus import BUILTIN_CORPORA, build_corpus
 from utils.data import check_extension
 from utils.errors import UsageError, exit_on_usage_error
+from utils.fill_mask import format_predictions, predict_masks
+from utils.logs import setup_logging
+from utils.masking import build_collator, mask_eval_dataset
+from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
+from utils.training import build_trainer, checkpoint_step
 
 logger = logging.getLogger("run_mlm")
 
@@ -245,28 +252,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     Bad input raises UsageError; run as a script, that becomes one `error:` line and exit status 2.
     """
-    # Imports that pull in torch and datasets wait until the arguments parse, so that
-    # `--help` and argument errors answer at once.
-    from utils import data, metrics, modeling
-    from utils import tokenizer as tokenizers
-    from utils.corpus import build_corpus, run_cache_dir
-    from utils.fill_mask import format_predictions, predict_masks
-    from utils.logs import setup_logging
-    from utils.masking import build_collator, mask_eval_dataset
-    from utils.model_card import non_default_args, write_model_card, write_run_args
-
-    # 1. Arguments: an optional args file, then flags.
+    # 1. Arguments: an optional args file, then flags. Processes started on a machine without
+    #    GPUs join one gloo group (set before TrainingArguments picks the device).
+    distributed.join_cpu_process_group()
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     model_args, data_args, training_args = parse_args(parser, argv)
     check_run_arguments(model_args, data_args, training_args)
+    distributed.check_process_group(training_args)
     move_hub_token_to_env(training_args)
     # What the user chose, before the adjustments below: saved as an args file that reruns the run.
     run_args = non_default_args(model_args, data_args, training_args)
 
     # 2. Logging: one summary per process, details from the main process only.
     setup_logging(training_args)
-    if training_args.device.type == "cpu":
-        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns on CPU
     logger.info("Model arguments %s", model_args)
     logger.info("Data arguments %s", data_args)
 
@@ -279,30 +277,14 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. Raw text: hub dataset, local files, or a corpus built from this machine's files.
     train_files = None
     if data_args.builtin_corpus:
-        with training_args.main_process_first(desc="building the corpus"):
+        with distributed.main_process_first(training_args, "building the corpus"):
             train_files = [str(build_corpus(data_args.builtin_corpus, model_args.cache_dir))]
     raw_datasets = data.load_raw_datasets(data_args, model_args, train_files)
 
-    # 6. Tokenizer: the given one, the pretrained model's, the checkpoint's, or a new one trained on the text.
-    if model_args.tokenizer_name or model_args.model_name_or_path:
-        flag = "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path"
-        tokenizer = tokenizers.load_pretrained_tokenizer(getattr(model_args, flag), model_args, flag)
-        tokenizer_source = f"`{getattr(model_args, flag)}` (--{flag})"
-    elif checkpoint and os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
-        tokenizer = tokenizers.load_pretrained_tokenizer(checkpoint, model_args, "resume_from_checkpoint")
-        tokenizer_source = f"the checkpoint resumed from, `{checkpoint}`"
-    else:
-        train_split = raw_datasets["train"] if "train" in raw_datasets else raw_datasets["validation"]
-        text_column = data.find_text_column(train_split.column_names, train_split.features,
-                                            data_args.text_column_name)
-        with training_args.main_process_first(desc="training the tokenizer"):
-            tokenizer = tokenizers.train_or_load_cached_tokenizer(
-                train_split, text_column, model_args.tokenizer_vocab_size, model_args.tokenizer_lowercase,
-                model_max_length=data_args.max_seq_length or 512, cache_root=run_cache_dir(model_args.cache_dir),
-            )
-        casing = "uncased" if model_args.tokenizer_lowercase else "cased"
-        tokenizer_source = f"WordPiece, {len(tokenizer)} tokens, {casing}, trained on the training text"
-    tokenizers.check_mask_token(tokenizer, tokenizer_source)
+    # 6. Tokenizer: the given one, the pretrained model's, the checkpoint's, or one trained on the text.
+    tokenizer, tokenizer_source = tokenizers.load_or_train_tokenizer(
+        model_args, data_args, raw_datasets, checkpoint, training_args
+    )
 
     # 7. Model configuration, and the block length it and the tokenizer can take.
     config = modeling.load_config(model_args)
@@ -314,18 +296,19 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.whole_word_mask and not tokenizer.is_fast:
         raise UsageError("--whole_word_mask needs a fast tokenizer (offsets); drop --use_fast_tokenizer false")
 
-    # 8. Tokenize and group into blocks (the main process first; the others read its cache), then
-    #    the masking collator.
-    lm_datasets = data.preprocess_datasets(
-        raw_datasets, tokenizer, data_args, max_seq_length, training_args.main_process_first
-    )
-    collator = build_collator(tokenizer, data_args)
+    # 8. Tokenize and group into blocks (the main process first; the others read its cache), and
+    #    the masking collator, whose masks depend on (seed, step, row of the global batch) only.
+    with distributed.main_process_first(training_args, "tokenizing"):
+        started = time.time()
+        lm_datasets = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length)
+    distributed.report_cache_reuse(lm_datasets, started, training_args)
+    collator = build_collator(tokenizer, data_args, training_args, start_step=checkpoint_step(checkpoint))
     train_dataset = eval_dataset = None
     if training_args.do_train:
         train_dataset = data.truncate(lm_datasets["train"], data_args.max_train_samples)
     if training_args.do_eval:
         # Masked once with a fixed seed: every evaluation scores the same positions.
-        with training_args.main_process_first(desc="masking the evaluation set"):
+        with distributed.main_process_first(training_args, "masking the evaluation set"):
             eval_dataset = mask_eval_dataset(
                 data.truncate(lm_datasets["validation"], data_args.max_eval_samples), collator, training_args.seed
             )
@@ -333,18 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 9. The model.
     model = modeling.build_model(model_args, config, tokenizer)
 
-    # 10. Trainer. Accuracy is streamed batch by batch: no logits are kept.
-    training_args.batch_eval_metrics = True
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=collator,
-        compute_metrics=metrics.MaskedAccuracy() if training_args.do_eval else None,
-        preprocess_logits_for_metrics=metrics.argmax_logits if training_args.do_eval else None,
-    )
+    # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy streamed per batch.
+    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator)
 
     # 11. Train, then save the model, tokenizer and training state.
     results = {}
@@ -356,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         results.update(train_metrics)
+        distributed.log_replica_checksums(trainer, tokenizer)
 
     # 12. Evaluate: loss, perplexity and masked-token accuracy.
     if training_args.do_eval:

@@ -2,6 +2,7 @@
 
 import os
 import random
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -72,3 +73,18 @@ def tiny_run_args(output_dir, train_file, *extra) -> list[str]:
         "--seed", "0",
         *extra,
     ]
+
+
+def accelerate_launch(config: str, args: list[str], launcher_args: list[str] = (), env: dict | None = None,
+                      timeout: int = 600, wait: bool = True):
+    """`accelerate launch --config_file <config> [launcher_args] run_mlm.py <args>` as a subprocess.
+
+    With wait=False, returns the Popen (for launches that must run side by side).
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
+               *launcher_args, str(REPO / "run_mlm.py"), *map(str, args)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

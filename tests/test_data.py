@@ -1,6 +1,5 @@
 """Loading local files in every supported format, choosing the text column, tokenizing and grouping."""
 
-import contextlib
 import gzip
 import json
 from types import SimpleNamespace
@@ -39,10 +38,6 @@ MODEL_ARGS = SimpleNamespace(cache_dir=None, token=None)
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_wordpiece_tokenizer(LINES * 3, vocab_size=80, model_max_length=64)
-
-
-def no_barrier(desc=""):
-    return contextlib.nullcontext()
 
 
 def test_group_texts_concatenates_in_order_and_cuts_blocks():
@@ -177,7 +172,7 @@ def test_preprocess_packs_fixed_blocks_without_padding(tmp_path, tokenizer):
     path = write_all_formats(tmp_path)["txt"]
     args = data_args(train_file=[str(path)], validation_split_percentage=25)
     raw = load_raw_datasets(args, MODEL_ARGS)
-    blocks = preprocess_datasets(raw, tokenizer, args, 16, no_barrier)
+    blocks = preprocess_datasets(raw, tokenizer, args, 16)
     assert blocks["train"].column_names == ["input_ids"]
     ids = np.array(list(blocks["train"]["input_ids"]))
     assert ids.shape[1] == 16 and len(ids) > 5
@@ -193,13 +188,13 @@ def test_line_by_line_keeps_one_example_per_non_blank_line(tmp_path, tokenizer):
     path.write_text("short line\n\n   \n" + " ".join(["long"] * 100) + "\n")
     args = data_args(train_file=[str(path)], validation_split_percentage=0, line_by_line=True)
     raw = load_raw_datasets(args, MODEL_ARGS)
-    examples = preprocess_datasets(raw, tokenizer, args, 16, no_barrier)["train"]
+    examples = preprocess_datasets(raw, tokenizer, args, 16)["train"]
     lengths = [len(ids) for ids in examples["input_ids"]]
     short = len(tokenizer("short line")["input_ids"])
     assert 4 <= short < 16
     assert lengths == [short, 16]  # blank lines skipped; the long line truncated to 16
     args.pad_to_max_length = True
-    padded = preprocess_datasets(raw, tokenizer, args, 16, no_barrier)["train"]
+    padded = preprocess_datasets(raw, tokenizer, args, 16)["train"]
     assert [len(ids) for ids in padded["input_ids"]] == [16, 16]
     assert padded[0]["attention_mask"] == [1] * short + [0] * (16 - short)
 
@@ -210,7 +205,7 @@ def test_corpus_shorter_than_one_block_is_a_clear_error(tmp_path, tokenizer):
     args = data_args(train_file=[str(path)], validation_split_percentage=0)
     raw = load_raw_datasets(args, MODEL_ARGS)
     with pytest.raises(UsageError, match=r"fewer tokens than one block of 64 \(--max_seq_length\)"):
-        preprocess_datasets(raw, tokenizer, args, 64, no_barrier)
+        preprocess_datasets(raw, tokenizer, args, 64)
 
 
 def test_two_preprocessing_workers_give_full_blocks(tmp_path, tokenizer):
@@ -218,9 +213,9 @@ def test_two_preprocessing_workers_give_full_blocks(tmp_path, tokenizer):
     path.write_text("\n".join(LINES * 20) + "\n")
     args = data_args(train_file=[str(path)], validation_split_percentage=0)
     raw = load_raw_datasets(args, MODEL_ARGS)
-    one = preprocess_datasets(raw, tokenizer, args, 16, no_barrier)["train"]
+    one = preprocess_datasets(raw, tokenizer, args, 16)["train"]
     args.preprocessing_num_workers = 2
-    two = preprocess_datasets(raw, tokenizer, args, 16, no_barrier)["train"]
+    two = preprocess_datasets(raw, tokenizer, args, 16)["train"]
     assert all(len(ids) == 16 for ids in two["input_ids"])
     # Each worker drops at most one partial block of its shard.
     assert len(one) - 2 <= len(two) <= len(one)
@@ -235,9 +230,9 @@ def test_tokenization_is_cached_across_tokenizer_instances(tmp_path, tokenizer):
     path = write_all_formats(tmp_path)["txt"]
     args = data_args(train_file=[str(path)], validation_split_percentage=0)
     raw = load_raw_datasets(args, MODEL_ARGS)
-    first = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16, no_barrier)
-    second = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16, no_barrier)
+    first = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16)
+    second = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16)
     assert first["train"].cache_files and first["train"].cache_files == second["train"].cache_files
     args.overwrite_cache = True
-    third = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16, no_barrier)
+    third = preprocess_datasets(raw, AutoTokenizer.from_pretrained(tmp_path / "tok"), args, 16)
     assert list(third["train"]["input_ids"]) == list(first["train"]["input_ids"])

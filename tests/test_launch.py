@@ -1,19 +1,9 @@
 """Runs through the real launcher: `accelerate launch --config_file accelerate_configs/cpu.yaml run_mlm.py ...`."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from .conftest import REPO, tiny_run_args
-
-
-def accelerate_launch(config: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
-               str(REPO / "run_mlm.py"), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+from .conftest import accelerate_launch, tiny_run_args
 
 
 def test_cpu_config_trains_evaluates_and_saves(corpus, tmp_path):

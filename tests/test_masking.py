@@ -122,3 +122,59 @@ def test_premasked_rows_of_unequal_length_are_padded_with_ignored_labels(tokeniz
     assert batch["input_ids"].shape == (2, 8)
     assert batch["labels"][1].tolist() == [-100] * 8
     assert batch["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 5
+
+
+def seeded(tokenizer, **layout):
+    args = SimpleNamespace(seed=11, process_index=layout.get("rank", 0), world_size=layout.get("world_size", 1),
+                           gradient_accumulation_steps=layout.get("accumulation_steps", 1), dataloader_num_workers=0)
+    return build_collator(tokenizer, data_args(), args, start_step=layout.get("start_step", 0))
+
+
+def test_seeded_masks_keep_the_rate_and_the_80_10_10_split(tokenizer):
+    rows = blocks(tokenizer, n_rows=2000)
+    original = torch.tensor([r["input_ids"] for r in rows])
+    batch = seeded(tokenizer)(rows)
+    labelled = batch["labels"] != -100
+    maskable = ~torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    assert (labelled & ~maskable).sum() == 0
+    assert labelled.sum().item() / maskable.sum().item() == pytest.approx(0.15, abs=0.01)
+    assert (batch["labels"][labelled] == original[labelled]).all()
+    chosen = batch["input_ids"][labelled]
+    assert (chosen == tokenizer.mask_token_id).float().mean().item() == pytest.approx(0.8, abs=0.02)
+    assert (chosen == original[labelled]).float().mean().item() == pytest.approx(0.1, abs=0.02)
+
+
+def test_masks_are_the_same_on_one_or_two_processes_and_with_accumulation(tokenizer):
+    rows = blocks(tokenizer, n_rows=16)
+    whole = seeded(tokenizer)
+    steps = [whole(rows), whole(rows)]  # two optimizer steps of 16 rows on one process
+    # Two processes of 8 rows each: rank r holds rows [8r, 8r + 8) of the global batch.
+    for rank in (0, 1):
+        part = seeded(tokenizer, rank=rank, world_size=2)
+        for step in steps:
+            got = part(rows[8 * rank: 8 * rank + 8])
+            assert torch.equal(got["labels"], step["labels"][8 * rank: 8 * rank + 8])
+            assert torch.equal(got["input_ids"], step["input_ids"][8 * rank: 8 * rank + 8])
+    # One process, two accumulation steps of 8 rows: micro-batch m holds rows [8m, 8m + 8).
+    accumulating = seeded(tokenizer, accumulation_steps=2)
+    for step in steps:
+        for micro in (0, 1):
+            got = accumulating(rows[8 * micro: 8 * micro + 8])
+            assert torch.equal(got["labels"], step["labels"][8 * micro: 8 * micro + 8])
+    # Two processes with two accumulation steps each: 4 rows per micro-batch.
+    for rank in (0, 1):
+        both = seeded(tokenizer, rank=rank, world_size=2, accumulation_steps=2)
+        for step in steps:
+            for micro in (0, 1):
+                first = (micro * 2 + rank) * 4
+                got = both(rows[first: first + 4])
+                assert torch.equal(got["labels"], step["labels"][first: first + 4])
+
+
+def test_resumed_collator_continues_the_mask_sequence(tokenizer):
+    rows = blocks(tokenizer, n_rows=8)
+    fresh = seeded(tokenizer)
+    sequence = [fresh(rows)["labels"] for _ in range(3)]
+    resumed = seeded(tokenizer, start_step=2)
+    assert torch.equal(resumed(rows)["labels"], sequence[2])
+    assert not torch.equal(sequence[0], sequence[1])  # each step draws new masks

@@ -180,11 +180,11 @@ def group_texts(examples: dict, block_size: int) -> dict:
     return grouped
 
 
-def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: int, main_process_first) -> DatasetDict:
+def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: int) -> DatasetDict:
     """Tokenize `raw` and turn it into training examples (fixed blocks, or one per line).
 
-    `main_process_first` is the Trainer's context manager: the main process tokenizes and
-    writes the `datasets` cache, the other processes then read it instead of redoing it.
+    Results go to the `datasets` cache: run it on the main process first, and the others
+    read the cache instead of tokenizing again.
     """
     text_column = find_text_column(raw["train" if "train" in raw else "validation"].column_names,
                                    raw["train" if "train" in raw else "validation"].features,
@@ -196,36 +196,35 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
         "load_from_cache_file": not data_args.overwrite_cache,
     }
     processed = DatasetDict()
-    with main_process_first(desc="tokenizing and grouping"):
-        for split, dataset in raw.items():
-            if data_args.line_by_line:
-                processed[split] = dataset.map(
-                    tokenize_lines,
-                    fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "max_seq_length": max_seq_length,
-                               "pad": data_args.pad_to_max_length, "with_offsets": with_offsets},
-                    remove_columns=dataset.column_names,
-                    desc=f"Tokenizing {split} lines",
-                    **map_kwargs,
-                )
-            else:
-                tokenized = dataset.map(
-                    tokenize_texts,
-                    fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "with_offsets": with_offsets},
-                    remove_columns=dataset.column_names,
-                    desc=f"Tokenizing {split}",
-                    **map_kwargs,
-                )
-                processed[split] = tokenized.map(
-                    group_texts,
-                    fn_kwargs={"block_size": max_seq_length},
-                    desc=f"Grouping {split} into blocks of {max_seq_length}",
-                    **map_kwargs,
-                )
-            if len(processed[split]) == 0:
-                raise UsageError(
-                    f"the {split} split has fewer tokens than one block of {max_seq_length} "
-                    f"(--max_seq_length); give more text or a smaller --max_seq_length"
-                )
+    for split, dataset in raw.items():
+        if data_args.line_by_line:
+            processed[split] = dataset.map(
+                tokenize_lines,
+                fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "max_seq_length": max_seq_length,
+                           "pad": data_args.pad_to_max_length, "with_offsets": with_offsets},
+                remove_columns=dataset.column_names,
+                desc=f"Tokenizing {split} lines",
+                **map_kwargs,
+            )
+        else:
+            tokenized = dataset.map(
+                tokenize_texts,
+                fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "with_offsets": with_offsets},
+                remove_columns=dataset.column_names,
+                desc=f"Tokenizing {split}",
+                **map_kwargs,
+            )
+            processed[split] = tokenized.map(
+                group_texts,
+                fn_kwargs={"block_size": max_seq_length},
+                desc=f"Grouping {split} into blocks of {max_seq_length}",
+                **map_kwargs,
+            )
+        if len(processed[split]) == 0:
+            raise UsageError(
+                f"the {split} split has fewer tokens than one block of {max_seq_length} "
+                f"(--max_seq_length); give more text or a smaller --max_seq_length"
+            )
     return processed
 
 

@@ -25,6 +25,8 @@ def setup_logging(training_args) -> None:
     own_level = logging.INFO if training_args.should_log else logging.WARNING
     for name in ("run_mlm", "utils"):
         logging.getLogger(name).setLevel(min(own_level, library_level))
+    # One-line summaries of each process (rank, checksums) show on every rank.
+    logging.getLogger("run_mlm.process").setLevel(logging.INFO)
     logging.getLogger("run_mlm").warning(
         "Process rank %d of %d, device %s, bf16 %s, fp16 %s",
         training_args.process_index, training_args.world_size, training_args.device,

@@ -7,41 +7,101 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DataCollatorForLanguageModeling
+from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 logger = logging.getLogger(__name__)
+
+# Mixes (seed, step) into one generator seed; any large odd constant keeps streams apart.
+_STEP_STRIDE = 1_000_003
 
 
 @dataclass
 class MLMCollator(DataCollatorForLanguageModeling):
-    """`DataCollatorForLanguageModeling` that finds special tokens with one `torch.isin`.
+    """`DataCollatorForLanguageModeling` with reproducible masks and a fast special-token mask.
 
-    The parent calls `tokenizer.get_special_tokens_mask` on every row in Python when the
-    dataset stores no `special_tokens_mask`; we store only input ids, so we derive the
-    mask from the tokenizer's special ids instead (the same ids that method checks).
+    With `seed` set, the masks of a training batch are a function of the seed, the
+    optimizer step and the row's position in the global batch only: every process draws
+    the random numbers of the whole global batch (all processes, all accumulation steps)
+    and keeps its own rows. A run on 1 or N processes, with or without gradient
+    accumulation, or resumed from a checkpoint (`start_step`) therefore masks the same
+    tokens of the same examples. This needs rows of equal length (packed blocks or
+    `pad_to_max_length`) and `dataloader_num_workers` 0; otherwise, and with whole-word
+    masking, masks come from the process's random generator as in transformers.
+
+    Rows that already carry `labels` (the evaluation set, masked once) are only padded.
+    The special-token mask comes from one `torch.isin` instead of a Python loop per row.
     """
+
+    rank: int = 0
+    world_size: int = 1
+    accumulation_steps: int = 1
+    start_step: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+        self.mask_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.mask_token)
+        self._calls = 0
 
     def torch_call(self, examples):
         if isinstance(examples[0], dict) and "labels" in examples[0]:
             return self._pad_premasked(examples)
         if self.whole_word_mask and isinstance(examples[0], dict) and "offset_mapping" in examples[0]:
             examples = _pad_offsets(examples, self.pad_to_multiple_of)
-        return super().torch_call(examples)
+        if self.seed is None or self.whole_word_mask:
+            return super().torch_call(examples)
+        # The parent would seed one generator per process; our draws are per step instead.
+        batch = self._pad(examples)
+        batch.pop("special_tokens_mask", None)
+        step, micro = divmod(self._calls, self.accumulation_steps)
+        self._calls += 1
+        generator = torch.Generator().manual_seed(self.seed * _STEP_STRIDE + self.start_step + step)
+        rows = batch["input_ids"].shape[0]
+        first_row = (micro * self.world_size + self.rank) * rows
+        global_rows = rows * self.world_size * self.accumulation_steps
+        batch["input_ids"], batch["labels"] = self.mask_rows(batch["input_ids"], generator, first_row, global_rows)
+        return batch
+
+    def _pad(self, examples):
+        return pad_without_fast_tokenizer_warning(
+            self.tokenizer, examples, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of
+        )
 
     def _pad_premasked(self, examples):
         """Batch examples masked ahead of time (the evaluation set): pad, never mask again."""
         labels = [e["labels"] for e in examples]
         rest = [{k: v for k, v in e.items() if k != "labels"} for e in examples]
-        batch = self.tokenizer.pad(rest, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
+        batch = self._pad(rest)
         batch["labels"] = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
         for row, row_labels in enumerate(labels):
             batch["labels"][row, : len(row_labels)] = torch.as_tensor(row_labels)
         return batch
 
+    def mask_rows(self, inputs: torch.Tensor, generator: torch.Generator, first_row: int = 0,
+                  global_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask `inputs` as rows [first_row, first_row + len(inputs)) of a draw over `global_rows` rows.
+
+        Returns (masked inputs, labels): labels hold the original id where a token was
+        selected and -100 elsewhere. Special tokens are never selected.
+        """
+        rows, length = inputs.shape
+        shape = (global_rows or rows, length)
+        mine = slice(first_row, first_row + rows)
+        select = torch.rand(shape, generator=generator)[mine]
+        replace = torch.rand(shape, generator=generator)[mine]
+        random_ids = torch.randint(len(self.tokenizer), shape, generator=generator)[mine]
+
+        selected = (select < self.mlm_probability) & ~torch.isin(inputs, self.special_ids)
+        labels = torch.where(selected, inputs, torch.full_like(inputs, -100))
+        as_mask = selected & (replace < self.mask_replace_prob)
+        as_random = selected & ~as_mask & (replace < self.mask_replace_prob + self.random_replace_prob)
+        masked = inputs.clone()
+        masked[as_mask] = self.mask_token_id
+        masked[as_random] = random_ids[as_random]
+        return masked, labels
+
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        # The parent's path (whole-word masking, no seed): give it the fast special-token mask.
         if special_tokens_mask is None:
             special_tokens_mask = torch.isin(inputs, self.special_ids)
         return super().torch_mask_tokens(inputs, special_tokens_mask=special_tokens_mask,
@@ -66,21 +126,29 @@ def _pad_offsets(examples: list[dict], multiple: int | None) -> list[dict]:
 
 
 def mask_once(examples: dict, indices: list[int], collator: MLMCollator, seed: int) -> dict:
-    """Mask a batch of examples with a generator seeded by (seed, position of the batch).
+    """Mask a batch of rows with a generator seeded by (seed, position of the batch).
 
     Used on the evaluation set, so that every evaluation scores the same masked positions
     and eval losses compare across steps and runs.
     """
     rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
     lengths = [len(row["input_ids"]) for row in rows]
-    saved = collator.generator
-    collator.generator = torch.Generator().manual_seed(seed * 1_000_003 + indices[0])
-    try:
-        batch = collator.torch_call(rows)
-    finally:
-        collator.generator = saved
-    masked = {"input_ids": [ids[:n].tolist() for ids, n in zip(batch["input_ids"], lengths)],
-              "labels": [lab[:n].tolist() for lab, n in zip(batch["labels"], lengths)]}
+    generator = torch.Generator().manual_seed(seed * _STEP_STRIDE + indices[0])
+    if collator.whole_word_mask:
+        saved, collator.generator = collator.generator, generator
+        try:
+            batch = DataCollatorForLanguageModeling.torch_call(collator, _pad_offsets(rows, None))
+        finally:
+            collator.generator = saved
+        masked_ids, labels = batch["input_ids"], batch["labels"]
+    else:
+        # Padding is a special token, so it is never selected.
+        padded = pad_without_fast_tokenizer_warning(
+            collator.tokenizer, [{"input_ids": r["input_ids"]} for r in rows], return_tensors="pt"
+        )
+        masked_ids, labels = collator.mask_rows(padded["input_ids"], generator)
+    masked = {"input_ids": [ids[:n].tolist() for ids, n in zip(masked_ids, lengths)],
+              "labels": [lab[:n].tolist() for lab, n in zip(labels, lengths)]}
     if "attention_mask" in examples:  # padded rows (pad_to_max_length) keep their mask
         masked["attention_mask"] = examples["attention_mask"]
     return masked
@@ -98,14 +166,23 @@ def mask_eval_dataset(dataset, collator: MLMCollator, seed: int):
     )
 
 
-def build_collator(tokenizer, data_args) -> MLMCollator:
-    """The collator configured from the data arguments."""
+def build_collator(tokenizer, data_args, training_args=None, start_step: int = 0) -> MLMCollator:
+    """The collator configured from the arguments; reproducible masks when `training_args` allow them."""
     mask_replace_prob, random_replace_prob = data_args.mask_replace_prob, data_args.random_replace_prob
     if data_args.whole_word_mask and mask_replace_prob < 1:
         # transformers replaces whole words only with the mask token; say so once, plainly.
         logger.info("--whole_word_mask: selected words are always replaced by the mask token "
                     "(--mask_replace_prob 1, --random_replace_prob 0)")
         mask_replace_prob, random_replace_prob = 1.0, 0.0
+    layout = {}
+    if training_args is not None and training_args.dataloader_num_workers == 0:
+        layout = {
+            "seed": training_args.seed,
+            "rank": training_args.process_index,
+            "world_size": training_args.world_size,
+            "accumulation_steps": training_args.gradient_accumulation_steps,
+            "start_step": start_step,
+        }
     return MLMCollator(
         tokenizer=tokenizer,
         mlm_probability=data_args.mlm_probability,
@@ -113,4 +190,5 @@ def build_collator(tokenizer, data_args) -> MLMCollator:
         random_replace_prob=random_replace_prob,
         whole_word_mask=data_args.whole_word_mask,
         pad_to_multiple_of=data_args.pad_to_multiple_of,
+        **layout,
     )

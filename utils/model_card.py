@@ -122,7 +122,9 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
         front["datasets"] = [data_args.dataset_name]
     world = training_args.world_size
     global_batch = training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps
-    precision = "bf16 mixed" if training_args.bf16 else "fp16 mixed" if training_args.fp16 else "fp32"
+    # mixed_precision also reflects an accelerate config's setting, which --bf16 does not.
+    mixed = getattr(training_args, "mixed_precision", None) or ("bf16" if training_args.bf16 else "no")
+    precision = "fp32" if mixed == "no" else f"{mixed} mixed"
     results = [(key, metrics[key]) for key in ("eval_loss", "perplexity", "eval_accuracy") if key in metrics]
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

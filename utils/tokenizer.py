@@ -99,3 +99,35 @@ def check_mask_token(tokenizer, source: str) -> None:
             f"the tokenizer from {source} has no mask token, which masked language modeling needs; "
             "use a tokenizer made for MLM (BERT, RoBERTa, ...) or omit --tokenizer_name to train one"
         )
+
+
+def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, training_args):
+    """The run's tokenizer and a phrase saying where it came from.
+
+    In order: --tokenizer_name, the pretrained model's, the checkpoint being resumed, or a
+    WordPiece tokenizer trained on the training text (by rank 0 only, then sent to the
+    other processes: two trainings need not give the same vocabulary).
+    """
+    from utils import distributed
+    from utils.corpus import run_cache_dir
+    from utils.data import find_text_column
+
+    if model_args.tokenizer_name or model_args.model_name_or_path:
+        flag = "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path"
+        name = getattr(model_args, flag)
+        tokenizer, source = load_pretrained_tokenizer(name, model_args, flag), f"`{name}` (--{flag})"
+    elif checkpoint and os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
+        tokenizer = load_pretrained_tokenizer(checkpoint, model_args, "resume_from_checkpoint")
+        source = f"the checkpoint resumed from, `{checkpoint}`"
+    else:
+        split = raw_datasets["train"] if "train" in raw_datasets else raw_datasets["validation"]
+        text_column = find_text_column(split.column_names, split.features, data_args.text_column_name)
+        cache_root = run_cache_dir(model_args.cache_dir)
+        tokenizer = distributed.share_tokenizer(training_args, lambda: train_or_load_cached_tokenizer(
+            split, text_column, model_args.tokenizer_vocab_size, model_args.tokenizer_lowercase,
+            model_max_length=data_args.max_seq_length or 512, cache_root=cache_root,
+        ), cache_root)
+        casing = "uncased" if model_args.tokenizer_lowercase else "cased"
+        source = f"WordPiece, {len(tokenizer)} tokens, {casing}, trained on the training text"
+    check_mask_token(tokenizer, source)
+    return tokenizer, source

@@ -1,0 +1,236 @@
+"""Every launch config: the ones this CPU machine can run are run, the others are validated.
+
+The multi-process runs go through the real launcher (`accelerate launch`), with gloo on CPU.
+"""
+
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from utils.tokenizer import train_wordpiece_tokenizer
+
+from .conftest import REPO, accelerate_launch, tiny_run_args
+
+CONFIGS = REPO / "accelerate_configs"
+
+# What each file must resolve to: (distributed type, processes, machines, mixed precision).
+EXPECTED = {
+    "cpu.yaml": ("NO", 1, 1, "no"),
+    "multi_cpu.yaml": ("MULTI_GPU", 2, 1, "no"),  # several local processes; gloo on CPU (see the file)
+    "single_gpu.yaml": ("NO", 1, 1, "bf16"),
+    "multi_gpu.yaml": ("MULTI_GPU", 8, 1, "bf16"),
+    "multi_node.yaml": ("MULTI_GPU", 16, 2, "bf16"),
+    "fsdp.yaml": ("FSDP", 8, 1, "bf16"),
+    "deepspeed_zero2.yaml": ("DEEPSPEED", 8, 1, "bf16"),
+    "deepspeed_zero3.yaml": ("DEEPSPEED", 8, 1, "bf16"),
+    "tpu.yaml": ("XLA", 8, 1, "bf16"),
+}
+
+# Dropout off: its random draws differ between process layouts, everything else does not.
+NO_DROPOUT = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+              "max_position_embeddings=64,hidden_dropout_prob=0,attention_probs_dropout_prob=0")
+
+
+def validate(config_file: Path):
+    """Parse a config with accelerate's own launch parser and checks, as `accelerate launch` does."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "run_mlm.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    return args, defaults
+
+
+def test_every_config_file_has_an_expectation():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_resolves_to_what_its_name_promises(name):
+    args, defaults = validate(CONFIGS / name)
+    distributed_type, processes, machines, precision = EXPECTED[name]
+    assert defaults.distributed_type.name == distributed_type
+    assert (args.num_processes, args.num_machines, args.mixed_precision) == (processes, machines, precision)
+    assert defaults.main_training_function == "main"
+    # Which launcher accelerate will use: several processes only where the name says so.
+    assert args.multi_gpu == (distributed_type == "MULTI_GPU")
+    assert args.use_fsdp == (distributed_type == "FSDP")
+    assert args.use_deepspeed == (distributed_type == "DEEPSPEED")
+    assert args.tpu == (distributed_type == "XLA")
+
+
+def test_fsdp_config_builds_accelerates_fsdp2_plugin():
+    # What each process would build from the launcher's environment. Sharding itself needs
+    # GPUs: on a CPU-only machine accelerate falls back to DDP, so this is as far as CI goes.
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _ = validate(CONFIGS / "fsdp.yaml")
+    with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is True
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # saved models load in one process
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
+def test_deepspeed_configs_build_accelerates_plugin(name, stage):
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args, defaults = validate(CONFIGS / name)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    # Accumulation and clipping are left to the training arguments.
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
+    with mock.patch.dict(os.environ, env):
+        plugin = DeepSpeedPlugin()
+    assert plugin.zero_stage == stage
+    # ZeRO-3 gathers the sharded weights when saving, so the final model loads in one process.
+    assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] == (stage == 3)
+
+
+# ---- real multi-process runs on this machine ----
+
+@pytest.fixture(scope="module")
+def shared_tokenizer(tmp_path_factory, corpus):
+    """One saved tokenizer for runs that must see the same token ids (WordPiece training is not reproducible)."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    lines = corpus.read_text().splitlines()
+    train_wordpiece_tokenizer(lines, vocab_size=120, model_max_length=64).save_pretrained(path)
+    return path
+
+
+def comparable_args(output_dir, corpus, tokenizer, per_device_batch, *extra):
+    args = tiny_run_args(output_dir, corpus, "--tokenizer_name", tokenizer, "--max_steps", "20",
+                         "--logging_steps", "5", "--per_device_train_batch_size", per_device_batch,
+                         "--per_device_eval_batch_size", per_device_batch, *extra)
+    args[args.index("--config_overrides") + 1] = NO_DROPOUT
+    return args
+
+
+def losses(output_dir):
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def process_lines(output: str, what: str) -> dict[int, str]:
+    """{rank: value} from the per-process lines 'Process R of N after training: <what> checksum X'."""
+    return {int(r): v for r, v in re.findall(rf"Process (\d+) of \d+ after training: .*?{what} checksum (\w+)",
+                                             output)}
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory, corpus, shared_tokenizer):
+    """The same training (global batch 16, seed 0) on 1 process and on 2 processes of 8 rows each."""
+    root = tmp_path_factory.mktemp("layouts")
+    saving = ["--save_strategy", "steps", "--save_steps", "10"]
+    one = accelerate_launch("accelerate_configs/cpu.yaml",
+                            comparable_args(root / "one", corpus, shared_tokenizer, 16, *saving),
+                            env={"HF_HOME": str(root / "hf_one")})
+    two = accelerate_launch("accelerate_configs/multi_cpu.yaml",
+                            comparable_args(root / "two", corpus, shared_tokenizer, 8, *saving),
+                            env={"HF_HOME": str(root / "hf_two")})
+    for result in (one, two):
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, one, two
+
+
+def test_two_processes_form_one_training(one_and_two_processes):
+    _, _, two = one_and_two_processes
+    out = two.stdout
+    assert "Process rank 0 of 2" in out and "Process rank 1 of 2" in out
+    # Both replicas end with the same parameters and read text with the same vocabulary.
+    params = process_lines(out, "parameter")
+    assert sorted(params) == [0, 1] and params[0] == params[1]
+    # Rank 1 read rank 0's tokenized cache instead of tokenizing again.
+    assert "Process 1 read the tokenized data from the main process's cache" in out
+    assert "tokenized the data again" not in out + two.stderr
+
+
+def test_two_processes_log_the_loss_of_one_process(one_and_two_processes):
+    root, _, _ = one_and_two_processes
+    one, two = losses(root / "one"), losses(root / "two")
+    assert sorted(one) == sorted(two) == [5, 10, 15, 20]
+    # Same global batches, same masks (they depend on seed, step and row only), no dropout:
+    # what remains is the order of float sums (the all-reduce adds two half-gradients).
+    # Measured: at most 8e-7. A loss multiplied by the world size would be off by ~4.
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), (step, one[step], two[step])
+    one_eval = json.loads((root / "one" / "all_results.json").read_text())["eval_loss"]
+    two_eval = json.loads((root / "two" / "all_results.json").read_text())["eval_loss"]
+    assert two_eval == pytest.approx(one_eval, abs=1e-5)
+
+
+def test_two_process_checkpoint_loads_in_one_process_and_resumes(one_and_two_processes, corpus, shared_tokenizer):
+    from transformers import AutoModelForMaskedLM
+
+    root, _, _ = one_and_two_processes
+    out = root / "two"
+    assert AutoModelForMaskedLM.from_pretrained(out / "checkpoint-10") is not None
+    assert AutoModelForMaskedLM.from_pretrained(out) is not None
+    uninterrupted = losses(out)
+    # Lose the second half of the run, then run the same command again: it resumes from
+    # checkpoint-10 and, with the same masks and batches, logs the same losses.
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-20")
+    result = accelerate_launch("accelerate_configs/multi_cpu.yaml",
+                               comparable_args(out, corpus, shared_tokenizer, 8, "--save_strategy", "steps",
+                                               "--save_steps", "10"),
+                               env={"HF_HOME": str(root / "hf_two")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "checkpoint-10" in result.stdout and "Resuming from" in result.stdout
+    resumed = losses(out)
+    for step in (15, 20):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5)
+
+
+def test_processes_that_do_not_join_are_refused(corpus, tmp_path):
+    # ACCELERATE_USE_CPU=0 on a machine without GPUs: accelerate gives each process a world
+    # of its own. Two independent trainings must not start.
+    result = accelerate_launch("accelerate_configs/multi_cpu.yaml", tiny_run_args(tmp_path / "out", corpus),
+                               env={"ACCELERATE_USE_CPU": "0"})
+    assert result.returncode != 0
+    assert "error: the launcher started 2 processes, but they did not join one process group" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_train_and_save_once(corpus, tmp_path):
+    # Two `accelerate launch` commands, machine_rank 0 and 1, as on two machines. Separate
+    # HF_HOMEs stand for separate disks: the tokenizer trained from scratch on node 0 must
+    # reach node 1 through the process group, not through a shared cache.
+    out = tmp_path / "out"
+    port = free_port()
+    args = tiny_run_args(out, corpus, "--max_steps", "10")
+    nodes = [
+        accelerate_launch("accelerate_configs/multi_node.yaml", args, wait=False,
+                          launcher_args=["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                                         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
+                          env={"HF_HOME": str(tmp_path / f"hf_node{rank}")})
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    node0, node1 = (stdout for stdout, _ in outputs)
+    assert "Process rank 0 of 2" in node0 and "Process rank 1 of 2" in node1
+    vocab = {**process_lines(node0, "tokenizer"), **process_lines(node1, "tokenizer")}
+    params = {**process_lines(node0, "parameter"), **process_lines(node1, "parameter")}
+    assert sorted(vocab) == [0, 1] and vocab[0] == vocab[1]
+    assert params[0] == params[1]
+    # Only node 0 saved: the model files exist once, and node 1 never wrote a model.
+    assert (out / "model.safetensors").exists() and (out / "all_results.json").exists()
+    assert "Writing model shards" in outputs[0][1] and "Writing model shards" not in outputs[1][1]
+    assert json.loads((out / "all_results.json").read_text())["train_samples"] > 0

@@ -1,0 +1,184 @@
+"""Several processes: one process group on CPU too, preprocessing waits that do not time out,
+work done once and shared, and checks that the processes really train one model together."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from utils.errors import UsageError
+
+logger = logging.getLogger(__name__)
+# Per-process lines (rank, checksums) go to this logger, which logs on every rank.
+process_logger = logging.getLogger("run_mlm.process")
+
+# Ranks waiting for the main process to tokenize wait on this group. Tokenizing a large
+# corpus can take hours; the training group's ddp_timeout (30 min by default) must not
+# kill the waiting ranks (accelerate#2528).
+PREPROCESSING_TIMEOUT = timedelta(hours=24)
+
+_wait_group = None
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher (torchrun / accelerate launch) started."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def join_cpu_process_group() -> None:
+    """On a machine without GPUs, make the processes the launcher started one gloo process group.
+
+    Call before TrainingArguments is built. accelerate forms the group on CPU only when
+    ACCELERATE_USE_CPU is set, and `accelerate launch` does not pass a config's
+    `use_cpu: true` on to the processes: each would train a model of its own, side by side.
+    """
+    if launched_world_size() > 1 and "ACCELERATE_USE_CPU" not in os.environ and not _has_accelerator():
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+
+
+def check_process_group(training_args) -> None:
+    """Refuse to run when the launched processes did not form one training (they would train apart)."""
+    launched = launched_world_size()
+    if launched > 1 and training_args.world_size != launched:
+        raise UsageError(
+            f"the launcher started {launched} processes, but they did not join one process group "
+            f"(world size {training_args.world_size}): each would train its own model. On a machine "
+            "without GPUs, set ACCELERATE_USE_CPU=1 or use accelerate_configs/multi_cpu.yaml"
+        )
+
+
+def _group():
+    global _wait_group
+    if _wait_group is None:
+        import torch.distributed as dist
+
+        _wait_group = dist.new_group(backend="gloo", timeout=PREPROCESSING_TIMEOUT)
+    return _wait_group
+
+
+@contextlib.contextmanager
+def main_process_first(training_args, desc: str = "work"):
+    """The local main process runs the block first; the others run it after (reading its caches).
+
+    Like TrainingArguments.main_process_first, but the others wait on a gloo group with a
+    24-hour timeout instead of the training group's ddp_timeout.
+    """
+    if training_args.world_size <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    is_main = training_args.local_process_index == 0
+    if not is_main:
+        logger.info("Waiting for the main process: %s", desc)
+        dist.barrier(group=_group())
+    try:
+        yield
+    finally:
+        if is_main:
+            dist.barrier(group=_group())
+
+
+def compute_once(training_args, compute, desc: str = "work"):
+    """`compute()` on global rank 0 only; every process gets its result (any picklable object).
+
+    For results that must be identical everywhere even without a shared filesystem, and
+    that are not reproducible when computed twice (a trained tokenizer).
+    """
+    if training_args.world_size <= 1:
+        return compute()
+    import torch.distributed as dist
+
+    box = [compute() if training_args.process_index == 0 else None]
+    if training_args.process_index != 0:
+        logger.info("Waiting for rank 0: %s", desc)
+    dist.broadcast_object_list(box, src=0, group=_group())
+    return box[0]
+
+
+def share_tokenizer(training_args, make_tokenizer, cache_root: Path):
+    """A tokenizer made by `make_tokenizer()` on rank 0, the same one on every process.
+
+    Every process, rank 0 included, loads it from a directory named after its content:
+    `datasets` hashes the tokenizer (its path included) into the tokenization cache key,
+    so the same path everywhere lets the other processes, and reruns, hit that cache.
+    """
+    from transformers import AutoTokenizer
+
+    def files_of_new_tokenizer():
+        with tempfile.TemporaryDirectory() as tmp:
+            make_tokenizer().save_pretrained(tmp)
+            return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+    files = compute_once(training_args, files_of_new_tokenizer, desc="training the tokenizer")
+    digest = hashlib.sha256(b"".join(name.encode() + content for name, content in files.items())).hexdigest()
+    directory = cache_root / "tokenizers" / f"shared-{digest[:16]}"
+    if not (directory / "tokenizer.json").exists():
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (tmp / name).write_bytes(content)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process on this machine wrote the same files first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def report_cache_reuse(datasets, started: float, training_args) -> None:
+    """On a non-main process, say whether the tokenized data came from the main process's cache.
+
+    A cache file written after this process started its maps means it tokenized again
+    (for instance because the cache is not on a filesystem the processes share).
+    """
+    if training_args.world_size <= 1 or training_args.local_process_index == 0:
+        return
+    files = [f["filename"] for split in datasets.values() for f in split.cache_files]
+    if not files:
+        return
+    rewritten = [f for f in files if os.path.getmtime(f) >= started]
+    if rewritten:
+        logger.warning("Process %d tokenized the data again instead of reading the main process's cache (%d of "
+                       "%d files rewritten)", training_args.process_index, len(rewritten), len(files))
+    else:
+        process_logger.info("Process %d read the tokenized data from the main process's cache (%d files)",
+                            training_args.process_index, len(files))
+
+
+def parameter_checksum(model) -> str:
+    """A short hash of every parameter's bytes: equal on all ranks when replicas are in sync."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_checksum(tokenizer) -> str:
+    """A short hash of the vocabulary: equal on all ranks when they read text the same way."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+
+
+def log_replica_checksums(trainer, tokenizer) -> None:
+    """One line per process with checksums of its parameters and vocabulary (DDP: all equal)."""
+    state = trainer.accelerator.state
+    if state.num_processes <= 1 or state.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        return  # sharded parameters have no whole-model checksum on one rank
+    process_logger.info(
+        "Process %d of %d after training: parameter checksum %s, tokenizer checksum %s",
+        state.process_index, state.num_processes, parameter_checksum(trainer.model), tokenizer_checksum(tokenizer),
+    )

@@ -1,0 +1,29 @@
+"""The MLM loss, averaged over the labelled tokens of the whole global batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+    """Cross-entropy summed over labelled positions, divided by `num_items_in_batch`.
+
+    Given to the Trainer as `compute_loss_func`, for every model family. The Trainer then
+    passes the number of labelled tokens of the whole global batch (all processes, all
+    accumulation steps) and scales for devices itself, so the gradient is the exact mean
+    over those tokens on 1 or N processes, with or without gradient accumulation.
+
+    Models' own losses are per-device means, and BERT's `forward(**kwargs)` makes the
+    Trainer believe otherwise: its logged loss and gradients came out multiplied by the
+    world size (and by the accumulation steps). Without `num_items_in_batch` (evaluation)
+    this is the plain mean over labelled positions.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    labels = labels.to(logits.device)
+    labelled = labels != -100
+    # Only labelled rows enter the (fp32) softmax: ~15% of the positions.
+    total = F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")
+    if num_items_in_batch is None:
+        return total / labelled.sum().clamp(min=1)
+    return total / num_items_in_batch

@@ -1,0 +1,54 @@
+"""The Trainer, set up for MLM: token-averaged loss, streamed accuracy, sane distributed defaults."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from transformers import Trainer
+
+from utils.loss import masked_lm_loss
+from utils.metrics import MaskedAccuracy, argmax_logits
+
+logger = logging.getLogger(__name__)
+
+
+def adjust_training_args(training_args) -> None:
+    """Settings this script chooses unless the user did, each for a stated reason."""
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+    # Every parameter of an MLM takes part in every step, so DDP's search for unused
+    # parameters (transformers turns it on by default) only costs time.
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False
+    # Our accuracy streams batch by batch, so nothing is accumulated over the eval set.
+    training_args.batch_eval_metrics = True
+
+
+def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator) -> Trainer:
+    """A Trainer whose loss is the mean over the global batch's masked tokens (see `masked_lm_loss`)."""
+    adjust_training_args(training_args)
+    evaluating = eval_dataset is not None
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_loss_func=masked_lm_loss,
+        compute_metrics=MaskedAccuracy() if evaluating else None,
+        preprocess_logits_for_metrics=argmax_logits if evaluating else None,
+    )
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    """The optimizer step a checkpoint was saved at (0 without one)."""
+    if checkpoint is None:
+        return 0
+    state = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.exists(state):
+        return 0
+    with open(state, encoding="utf-8") as f:
+        return int(json.load(f).get("global_step", 0))
