@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import data, distributed, metrics, modeling
+from utils import data, distributed, metrics, modeling, xla
 from utils import tokenizer as tokenizers
 from utils.args import move_hub_token_to_env, parse_args
 from utils.checkpoints import find_resume_checkpoint
@@ -38,6 +38,7 @@ from utils.logs import setup_logging
 from utils.masking import build_collator, mask_eval_dataset
 from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
+from utils.precision import apply_precision
 from utils.training import build_trainer, checkpoint_step
 
 logger = logging.getLogger("run_mlm")
@@ -94,6 +95,12 @@ class ModelArguments:
         default=False,
         metadata={"help": "Allow models, tokenizers and datasets to run code from their hub repository. "
                           "Only for repositories you trust."},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "Training precision. auto: bf16 mixed precision where the hardware has bf16 units "
+                          "(TPU), unless --bf16/--fp16 or the accelerate config chose; else fp32.",
+                  "choices": ["auto", "bf16", "fp16", "fp32"]},
     )
     dtype: str | None = field(
         default=None,
@@ -263,8 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
     # What the user chose, before the adjustments below: saved as an args file that reruns the run.
     run_args = non_default_args(model_args, data_args, training_args)
 
-    # 2. Logging: one summary per process, details from the main process only.
+    # 2. Precision (bf16 where the hardware has it), logging (one summary per process, details
+    #    from the main process only), and on XLA (TPU) the settings that keep shapes static,
+    #    so that the graph compiles once.
+    apply_precision(training_args, model_args.precision)
     setup_logging(training_args)
+    if xla.on_xla(training_args):
+        for change in xla.adapt_for_xla(training_args, data_args):
+            logger.info("XLA: set %s", change)
     logger.info("Model arguments %s", model_args)
     logger.info("Data arguments %s", data_args)
 
@@ -312,12 +325,19 @@ def main(argv: list[str] | None = None) -> dict:
             eval_dataset = mask_eval_dataset(
                 data.truncate(lm_datasets["validation"], data_args.max_eval_samples), collator, training_args.seed
             )
+        if xla.on_xla(training_args):
+            full = xla.trim_to_full_batches(eval_dataset, training_args.per_device_eval_batch_size,
+                                            training_args.world_size)
+            logger.info("XLA: evaluating on %d of %d blocks (whole batches only)", len(full), len(eval_dataset))
+            eval_dataset = full
 
     # 9. The model.
     model = modeling.build_model(model_args, config, tokenizer)
 
-    # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy streamed per batch.
-    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator)
+    # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
+    compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None
+    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
+                            callbacks=[compilations] if compilations else None)
 
     # 11. Train, then save the model, tokenizer and training state.
     results = {}
@@ -334,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 12. Evaluate: loss, perplexity and masked-token accuracy.
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
+        if compilations is not None and trainer.is_world_process_zero():
+            compilations.save(training_args.output_dir)
         eval_metrics["perplexity"] = metrics.perplexity(eval_metrics["eval_loss"])
         eval_metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", eval_metrics)

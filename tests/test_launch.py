@@ -10,7 +10,7 @@ def test_cpu_config_trains_evaluates_and_saves(corpus, tmp_path):
     out = tmp_path / "out"
     result = accelerate_launch("accelerate_configs/cpu.yaml", tiny_run_args(out, corpus, "--max_steps", "20"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Process rank 0 of 1, device cpu" in result.stdout
+    assert "Process rank 0 of 1, device cpu, mixed precision no" in result.stdout
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_loss"] < 4.6 and results["train_samples"] > 0
     assert (out / "model.safetensors").exists()

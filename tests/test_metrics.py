@@ -27,7 +27,8 @@ def test_batches_streamed_equal_one_shot():
         last = start == 8
         result = streamed(EvalPrediction(predictions=predictions[start:start + 4], label_ids=labels[start:start + 4]),
                           compute_result=last)
-        assert (result == {}) != last
+        # Before the last batch: the running accuracy, as a tensor (no device sync).
+        assert isinstance(result["accuracy"], torch.Tensor) != last
     expected = ((predictions == labels) & (labels != -100)).sum() / (labels != -100).sum()
     assert result["accuracy"] == one_shot["accuracy"] == expected
     # The state is reset after a result: a second evaluation starts from zero.
@@ -45,3 +46,18 @@ def test_perplexity():
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(42)) == 42.0 or abs(perplexity(math.log(42)) - 42) < 1e-9
     assert perplexity(1e6) == float("inf")
+
+
+def test_running_value_is_the_result_when_the_last_batch_is_never_flagged():
+    # XLA's device loader never sets compute_result: the last running value must be the
+    # accuracy over all batches, and the next evaluation must start from zero.
+    metric = MaskedAccuracy()
+    predictions = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    labels = torch.tensor([[1, -100], [0, 4], [5, -100]])
+    for row in range(3):
+        result = metric(EvalPrediction(predictions=predictions[row:row + 1], label_ids=labels[row:row + 1]),
+                        compute_result=False)
+    assert result["accuracy"].item() == 3 / 4
+    metric.on_evaluate(None, None, None)
+    result = metric(EvalPrediction(predictions=predictions[1:2], label_ids=labels[1:2]), compute_result=False)
+    assert result["accuracy"].item() == 1 / 2

@@ -33,6 +33,15 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_local_main(training_args) -> bool:
+    """Whether this is the first process of its machine.
+
+    On a single XLA device accelerate reports local_process_index -1 (transformers'
+    should_log then silences the only process there is); -1 counts as the first here.
+    """
+    return max(training_args.local_process_index, 0) == 0
+
+
 def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
@@ -80,7 +89,7 @@ def main_process_first(training_args, desc: str = "work"):
         return
     import torch.distributed as dist
 
-    is_main = training_args.local_process_index == 0
+    is_main = is_local_main(training_args)
     if not is_main:
         logger.info("Waiting for the main process: %s", desc)
         dist.barrier(group=_group())
@@ -143,7 +152,7 @@ def report_cache_reuse(datasets, started: float, training_args) -> None:
     A cache file written after this process started its maps means it tokenized again
     (for instance because the cache is not on a filesystem the processes share).
     """
-    if training_args.world_size <= 1 or training_args.local_process_index == 0:
+    if training_args.world_size <= 1 or is_local_main(training_args):
         return
     files = [f["filename"] for split in datasets.values() for f in split.cache_files]
     if not files:

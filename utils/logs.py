@@ -16,19 +16,24 @@ def setup_logging(training_args) -> None:
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
-    # --log_level / --log_level_replica set the libraries' verbosity; ours follows the same rule.
+    # --log_level / --log_level_replica set the libraries' verbosity; ours is INFO on the main
+    # process of each node (or of the run, without --log_on_each_node) and WARNING elsewhere.
     library_level = training_args.get_process_log_level()
     transformers.utils.logging.set_verbosity(library_level)
     datasets.utils.logging.set_verbosity(library_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    own_level = logging.INFO if training_args.should_log else logging.WARNING
+    from utils.distributed import is_local_main
+
+    main = is_local_main(training_args) if training_args.log_on_each_node else training_args.process_index == 0
+    own_level = logging.INFO if main else logging.WARNING
     for name in ("run_mlm", "utils"):
         logging.getLogger(name).setLevel(min(own_level, library_level))
     # One-line summaries of each process (rank, checksums) show on every rank.
     logging.getLogger("run_mlm.process").setLevel(logging.INFO)
     logging.getLogger("run_mlm").warning(
-        "Process rank %d of %d, device %s, bf16 %s, fp16 %s",
+        "Process rank %d of %d, device %s, mixed precision %s",
         training_args.process_index, training_args.world_size, training_args.device,
-        training_args.bf16, training_args.fp16,
+        # Set by --bf16/--fp16 or by the accelerate config's mixed_precision.
+        getattr(training_args, "mixed_precision", None) or ("bf16" if training_args.bf16 else "no"),
     )

@@ -22,8 +22,13 @@ def masked_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tens
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     labels = labels.to(logits.device)
     labelled = labels != -100
-    # Only labelled rows enter the (fp32) softmax: ~15% of the positions.
-    total = F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")
+    if logits.device.type == "xla":
+        # The number of masked tokens changes every batch; selecting them would be a new
+        # shape, hence a new XLA compilation, at every step. Keep the full shape instead.
+        total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    else:
+        # Only labelled rows enter the (fp32) softmax: ~15% of the positions.
+        total = F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")
     if num_items_in_batch is None:
         return total / labelled.sum().clamp(min=1)
     return total / num_items_in_batch

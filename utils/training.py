@@ -26,10 +26,12 @@ def adjust_training_args(training_args) -> None:
     training_args.batch_eval_metrics = True
 
 
-def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator) -> Trainer:
+def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
+                  callbacks=None) -> Trainer:
     """A Trainer whose loss is the mean over the global batch's masked tokens (see `masked_lm_loss`)."""
     adjust_training_args(training_args)
-    evaluating = eval_dataset is not None
+    accuracy = MaskedAccuracy() if eval_dataset is not None else None
+    callbacks = [*(callbacks or []), *([accuracy] if accuracy else [])]
     return Trainer(
         model=model,
         args=training_args,
@@ -38,8 +40,9 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, 
         processing_class=tokenizer,
         data_collator=collator,
         compute_loss_func=masked_lm_loss,
-        compute_metrics=MaskedAccuracy() if evaluating else None,
-        preprocess_logits_for_metrics=argmax_logits if evaluating else None,
+        compute_metrics=accuracy,
+        preprocess_logits_for_metrics=argmax_logits if accuracy else None,
+        callbacks=callbacks,
     )
 
 

@@ -1,21 +1,21 @@
 """Masked-token accuracy, as an `evaluate` module loaded from this directory (no hub access).
 
-Predictions and references are token ids at the positions that carry a label; positions
-labelled -100 (not masked) are ignored, so callers may pass whole rows as well.
+Inputs are counts per batch, not token ids: callers count on the device where the
+predictions are (GPU, TPU) and hand over two numbers per batch, so neither logits nor ids
+have to be stored or copied (`utils.metrics.MaskedAccuracy` does the counting).
 """
 
 import datasets
 import evaluate
-import numpy as np
 
 _DESCRIPTION = "Fraction of masked positions whose predicted token id equals the original token id."
 _INPUTS = """
 Args:
-    predictions (list of int): predicted token ids.
-    references (list of int): original token ids; -100 marks positions to ignore.
+    correct (list of int): per batch, masked positions predicted right.
+    counted (list of int): per batch, masked positions (labels other than -100).
 Returns:
-    accuracy (float): correct / counted positions (0.0 when no position is counted).
-    counted (int): number of positions counted.
+    accuracy (float): sum(correct) / sum(counted), 0.0 when nothing was counted.
+    counted (int): sum(counted).
 """
 
 
@@ -25,15 +25,9 @@ class MaskedAccuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_INPUTS,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
+            features=datasets.Features({"correct": datasets.Value("int64"), "counted": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions, references):
-        predictions = np.asarray(predictions)
-        references = np.asarray(references)
-        counted = references != -100
-        n = int(counted.sum())
-        correct = int((predictions[counted] == references[counted]).sum())
-        return {"accuracy": correct / n if n else 0.0, "counted": n}
+    def _compute(self, correct, counted):
+        n = int(sum(counted))
+        return {"accuracy": int(sum(correct)) / n if n else 0.0, "counted": n}

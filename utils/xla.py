@@ -1,0 +1,119 @@
+"""TPU / XLA: static shapes, an optimizer XLA accepts, and a count of graph compilations.
+
+XLA compiles one graph per distinct input shape; a shape that changes from step to step
+means a compilation per step, which looks like a hang. Everything here keeps the shapes
+of training and evaluation batches fixed, and counts compilations to prove it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.training_args import OptimizerNames
+
+logger = logging.getLogger(__name__)
+
+COMPILATIONS_FILE = "xla_compilations.json"
+
+
+def on_xla(training_args) -> bool:
+    """Whether this process trains on an XLA device (TPU, or torch_xla's CPU backend)."""
+    return training_args.device.type == "xla"
+
+
+def adapt_for_xla(training_args, data_args) -> list[str]:
+    """Settings XLA needs, chosen unless the user already did; returns what was changed, to log."""
+    changes = []
+    if data_args.line_by_line and not data_args.pad_to_max_length:
+        data_args.pad_to_max_length = True
+        changes.append("--pad_to_max_length (one example length instead of one per batch)")
+    if not training_args.dataloader_drop_last:
+        training_args.dataloader_drop_last = True
+        changes.append("--dataloader_drop_last (no smaller last batch)")
+    if training_args.optim == OptimizerNames.ADAMW_TORCH_FUSED:
+        # The fused kernel refuses XLA tensors ("fused=True requires ... but xla").
+        training_args.optim = OptimizerNames.ADAMW_TORCH
+        changes.append("--optim adamw_torch (the fused AdamW kernel does not take XLA tensors)")
+    return changes
+
+
+def trim_to_full_batches(dataset, per_device_batch_size: int, world_size: int):
+    """The first rows of `dataset` that fill whole batches on every process (static eval shapes)."""
+    usable = len(dataset) - len(dataset) % (per_device_batch_size * world_size)
+    if usable == 0:
+        return dataset  # fewer rows than one global batch: drop_last would leave nothing to evaluate
+    return dataset.select(range(usable)) if usable < len(dataset) else dataset
+
+
+def compilation_count() -> int:
+    """How many graphs torch_xla has compiled in this process so far."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+class CompilationCounter(TrainerCallback):
+    """Counts torch_xla's graph compilations in each training step, logging step and evaluation.
+
+    Warm-up lasts until every kind of step has run once: the first steps, the first
+    logging step (it reads the loss) and the step after it (the running loss restarts).
+    After that, a training step that compiles means a shape changed between steps. At the
+    end, the counts go to `xla_compilations.json` in the output directory.
+    """
+
+    def __init__(self, min_warmup_steps: int = 3):
+        self.warmup_steps = min_warmup_steps
+        self._first_log_seen = False
+        self.events: list[dict] = []  # {"event": "step"|"log"|"evaluation", "step": n, "compilations": new ones}
+        self._last = 0
+
+    def _record(self, event: str, step: int) -> None:
+        count = compilation_count()
+        self.events.append({"event": event, "step": step, "compilations": count - self._last})
+        self._last = count
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = compilation_count()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._record("step", state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # evaluate() logs its metrics before on_evaluate: its compilations are counted here.
+        evaluation = any(key.startswith("eval_") for key in logs or {})
+        self._record("evaluation" if evaluation else "log", state.global_step)
+        if not evaluation and not self._first_log_seen:
+            self._first_log_seen = True
+            self.warmup_steps = max(self.warmup_steps, state.global_step + 1)
+
+    def summary(self) -> dict:
+        def per(kind):
+            return [e["compilations"] for e in self.events if e["event"] == kind]
+
+        steps = [e for e in self.events if e["event"] == "step"]
+        return {
+            "warmup_steps": self.warmup_steps,
+            "training_compilations_in_warmup": sum(e["compilations"] for e in steps if e["step"] <= self.warmup_steps),
+            "training_compilations_after_warmup": sum(e["compilations"] for e in steps
+                                                      if e["step"] > self.warmup_steps),
+            "compilations_per_evaluation": per("evaluation"),
+            "compilations_per_log": per("log"),
+            "events": self.events,
+        }
+
+    def save(self, output_dir: str) -> dict:
+        summary = self.summary()
+        Path(output_dir, COMPILATIONS_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        if summary["training_compilations_after_warmup"]:
+            logger.warning("XLA compiled %d new graphs after the first %d training steps: some shape changes "
+                           "between steps. Rerun with PT_XLA_DEBUG=1 to see why.",
+                           summary["training_compilations_after_warmup"], summary["warmup_steps"])
+        logger.info("XLA compilations: %d in the first %d training steps, %d after; per evaluation: %s; "
+                    "per logging step: %s", summary["training_compilations_in_warmup"], summary["warmup_steps"],
+                    summary["training_compilations_after_warmup"], summary["compilations_per_evaluation"],
+                    summary["compilations_per_log"])
+        return summary
