@@ -36,6 +36,7 @@ from utils.errors import UsageError, exit_on_usage_error
 from utils.fill_mask import format_predictions, predict_masks
 from utils.logs import setup_logging
 from utils.masking import build_collator, mask_eval_dataset
+from utils.mlm_head import install_mlm_head
 from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
 from utils.precision import apply_precision
@@ -96,10 +97,17 @@ class ModelArguments:
         metadata={"help": "Allow models, tokenizers and datasets to run code from their hub repository. "
                           "Only for repositories you trust."},
     )
+    sparse_prediction: bool = field(
+        default=True,
+        metadata={"help": "Run the MLM head on the masked positions only: the same loss for a fraction of the "
+                          "compute (BERT, RoBERTa, XLM-R, DistilBERT, ALBERT, ELECTRA, ModernBERT; other "
+                          "models fall back to the dense head). --sparse_prediction false for the dense head."},
+    )
     precision: str = field(
         default="auto",
         metadata={"help": "Training precision. auto: bf16 mixed precision where the hardware has bf16 units "
-                          "(TPU), unless --bf16/--fp16 or the accelerate config chose; else fp32.",
+                          "(TPU, Ampere+ GPU, CPU with AMX or AVX512-BF16), unless --bf16/--fp16 or the "
+                          "accelerate config chose; else fp32.",
                   "choices": ["auto", "bf16", "fp16", "fp32"]},
     )
     dtype: str | None = field(
@@ -331,8 +339,11 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info("XLA: evaluating on %d of %d blocks (whole batches only)", len(full), len(eval_dataset))
             eval_dataset = full
 
-    # 9. The model.
+    # 9. The model, with an MLM head that predicts masked positions only (not on XLA, where the
+    #    changing number of masked tokens would recompile the graph every step).
     model = modeling.build_model(model_args, config, tokenizer)
+    sparse = model_args.sparse_prediction and not xla.on_xla(training_args)
+    logger.info("MLM head: %s", install_mlm_head(model, sparse=sparse))
 
     # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
     compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None

@@ -24,7 +24,7 @@ def test_without_item_count_it_is_the_models_own_loss():
     model = tiny_bert()
     ids, labels = batch()
     outputs = model(input_ids=ids, labels=labels)
-    assert torch.allclose(masked_lm_loss(outputs, labels), outputs.loss, atol=1e-6)
+    assert torch.allclose(masked_lm_loss(outputs.logits, labels), outputs.loss, atol=1e-6)
 
 
 def test_split_batches_sum_to_the_global_token_mean():
@@ -33,11 +33,11 @@ def test_split_batches_sum_to_the_global_token_mean():
     model = tiny_bert()
     ids, labels = batch()
     labels[:3, :] = torch.where(torch.arange(10) < 2, ids[:3, :], -100)  # few labels in the first half
-    whole = masked_lm_loss(model(input_ids=ids), labels)
+    whole = masked_lm_loss(model(input_ids=ids).logits, labels)
     total = (labels != -100).sum()
-    halves = [masked_lm_loss(model(input_ids=ids[s]), labels[s], num_items_in_batch=total)
+    halves = [masked_lm_loss(model(input_ids=ids[s]).logits, labels[s], num_items_in_batch=total)
               for s in (slice(0, 3), slice(3, 6))]
     assert torch.allclose(halves[0] + halves[1], whole, atol=1e-6)
     # A mean of per-half means (what a per-device loss gives) is not the same number.
-    per_half = [masked_lm_loss(model(input_ids=ids[s]), labels[s]) for s in (slice(0, 3), slice(3, 6))]
+    per_half = [masked_lm_loss(model(input_ids=ids[s]).logits, labels[s]) for s in (slice(0, 3), slice(3, 6))]
     assert abs((per_half[0] + per_half[1]) / 2 - whole) > 1e-3

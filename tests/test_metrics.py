@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from utils.metrics import MaskedAccuracy, argmax_logits, perplexity
+from utils.metrics import MaskedAccuracy, perplexity
 
 
 def test_accuracy_counts_only_labelled_positions():
@@ -33,13 +33,6 @@ def test_batches_streamed_equal_one_shot():
     assert result["accuracy"] == one_shot["accuracy"] == expected
     # The state is reset after a result: a second evaluation starts from zero.
     assert streamed(EvalPrediction(predictions=predictions[:1], label_ids=predictions[:1]))["accuracy"] == 1.0
-
-
-def test_argmax_keeps_ids_not_logits():
-    logits = torch.randn(2, 3, 50)
-    ids = argmax_logits(logits, None)
-    assert ids.shape == (2, 3) and torch.equal(ids, logits.argmax(-1))
-    assert torch.equal(argmax_logits((logits, torch.zeros(1)), None), ids)
 
 
 def test_perplexity():

@@ -6,28 +6,28 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """Cross-entropy summed over labelled positions, divided by `num_items_in_batch`.
 
-    Given to the Trainer as `compute_loss_func`, for every model family. The Trainer then
-    passes the number of labelled tokens of the whole global batch (all processes, all
-    accumulation steps) and scales for devices itself, so the gradient is the exact mean
-    over those tokens on 1 or N processes, with or without gradient accumulation.
-
-    Models' own losses are per-device means, and BERT's `forward(**kwargs)` makes the
-    Trainer believe otherwise: its logged loss and gradients came out multiplied by the
-    world size (and by the accumulation steps). Without `num_items_in_batch` (evaluation)
-    this is the plain mean over labelled positions.
+    `logits` are (..., vocab) for every position of `labels` (dense head) or for the
+    labelled positions only (sparse head, `labels` then holds just their targets). The
+    Trainer passes `num_items_in_batch`, the number of labelled tokens of the whole global
+    batch (all processes, all accumulation steps), and scales for the processes itself, so
+    the gradient is the exact mean over those tokens on 1 or N processes, with or without
+    gradient accumulation. transformers' BERT-style models return a per-device mean
+    instead, and their `forward(**kwargs)` makes the Trainer believe otherwise: their
+    logged loss and gradients came out multiplied by the world size and by the
+    accumulation steps. Without `num_items_in_batch` (evaluation) this is the mean.
     """
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     labels = labels.to(logits.device)
     labelled = labels != -100
     if logits.device.type == "xla":
-        # The number of masked tokens changes every batch; selecting them would be a new
+        # The number of labelled tokens changes every batch; selecting them would be a new
         # shape, hence a new XLA compilation, at every step. Keep the full shape instead.
         total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     else:
-        # Only labelled rows enter the (fp32) softmax: ~15% of the positions.
+        # Only labelled rows enter the (fp32) softmax: ~15% of the positions of a dense head.
         total = F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")
     if num_items_in_batch is None:
         return total / labelled.sum().clamp(min=1)

@@ -12,13 +12,6 @@ from transformers import TrainerCallback
 METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "masked_accuracy"
 
 
-def argmax_logits(logits, labels):
-    """Keep only the predicted ids (batch x seq), never the batch x seq x vocab logits."""
-    if isinstance(logits, tuple):  # some models return extra outputs
-        logits = logits[0]
-    return logits.argmax(dim=-1)
-
-
 class MaskedAccuracy(TrainerCallback):
     """`compute_metrics` for the Trainer: counts right and labelled positions per batch, on the device.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -11,13 +13,29 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def _cpu_bf16() -> bool:
+    try:  # private helpers of torch.cpu; read /proc/cpuinfo where they are missing
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = f.read()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def native_bf16(device) -> tuple[bool, str]:
-    """Whether `device` has bf16 matrix units, and a few words saying which device it is."""
+    """Whether `device` has bf16 matrix units (TPU, Ampere+ GPU, CPU with AMX or AVX512-BF16), and its name."""
     if device.type == "xla":
         import torch_xla.runtime as xr
 
         kind = xr.device_type()
         return kind == "TPU", f"XLA device {kind}"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return _cpu_bf16(), "this CPU (AMX / AVX512-BF16)" if _cpu_bf16() else "this CPU"
     return False, f"{device.type} device"
 
 

@@ -8,8 +8,8 @@ import os
 
 from transformers import Trainer
 
-from utils.loss import masked_lm_loss
-from utils.metrics import MaskedAccuracy, argmax_logits
+from utils.metrics import MaskedAccuracy
+from utils.mlm_head import predictions_at_labels
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def adjust_training_args(training_args) -> None:
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
                   callbacks=None) -> Trainer:
-    """A Trainer whose loss is the mean over the global batch's masked tokens (see `masked_lm_loss`)."""
+    """A Trainer for a model whose forward computes the MLM loss (see `utils.mlm_head.install_mlm_head`)."""
     adjust_training_args(training_args)
     accuracy = MaskedAccuracy() if eval_dataset is not None else None
     callbacks = [*(callbacks or []), *([accuracy] if accuracy else [])]
@@ -39,9 +39,9 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, 
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=collator,
-        compute_loss_func=masked_lm_loss,
         compute_metrics=accuracy,
-        preprocess_logits_for_metrics=argmax_logits if accuracy else None,
+        # Predicted ids at the labelled positions only: no logits are kept.
+        preprocess_logits_for_metrics=predictions_at_labels if accuracy else None,
         callbacks=callbacks,
     )
 
