@@ -31,6 +31,7 @@ from utils import tokenizer as tokenizers
 from utils.args import move_hub_token_to_env, parse_args
 from utils.checkpoints import find_resume_checkpoint
 from utils.corpus import BUILTIN_CORPORA, build_corpus
+from utils.cpu import speed_up_for_cpu
 from utils.data import check_extension
 from utils.errors import UsageError, exit_on_usage_error
 from utils.fill_mask import format_predictions, predict_masks
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = modeling.build_model(model_args, config, tokenizer)
     sparse = model_args.sparse_prediction and not xla.on_xla(training_args)
     logger.info("MLM head: %s", install_mlm_head(model, sparse=sparse))
+    if training_args.device.type == "cpu":
+        for change in speed_up_for_cpu(model):
+            logger.info("CPU: %s", change)
 
     # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
     compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None

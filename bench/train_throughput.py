@@ -177,6 +177,9 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
 
         evaluation = mask_eval_dataset(evaluation, collator, seed)
         install_mlm_head(model, sparse=settings["sparse"])
+        from utils.cpu import speed_up_for_cpu
+
+        speed_up_for_cpu(model)
         trainer = build_trainer(model, tokenizer, args, train, evaluation, collator, callbacks=[timer.callback])
         masked_fraction = MLM_PROBABILITY if settings["sparse"] else 1.0
 

@@ -26,6 +26,9 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
         # The number of labelled tokens changes every batch; selecting them would be a new
         # shape, hence a new XLA compilation, at every step. Keep the full shape instead.
         total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    elif logits.dim() == 2 and labels.dim() == 1 and bool(labelled.all()):
+        # Sparse head: every row is a labelled position already; selecting would copy them all.
+        total = F.cross_entropy(logits.float(), labels, reduction="sum")
     else:
         # Only labelled rows enter the (fp32) softmax: ~15% of the positions of a dense head.
         total = F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")

@@ -1,0 +1,83 @@
+"""The CPU speed-ups compute the same thing: dropout masks of the right rate, attention equal to SDPA's."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from utils.cpu import FastDropout, cpu_attention, keep_mask, speed_up_for_cpu
+
+
+def test_keep_mask_rate_shape_and_unbiased_lanes():
+    torch.manual_seed(0)
+    mask = keep_mask((64, 33, 129), p=0.1)
+    assert mask.shape == (64, 33, 129) and mask.dtype == torch.bool
+    assert mask.float().mean().item() == pytest.approx(0.9, abs=0.003)
+    # Each of the four 16-bit lanes of a 64-bit draw is uniform (none always kept).
+    lanes = keep_mask((400_000,), p=0.3).view(-1, 4).float().mean(0)
+    assert torch.allclose(lanes, torch.full((4,), 0.7), atol=0.005)
+    assert keep_mask((1000,), p=0.0).all()
+
+
+def test_fast_dropout_keeps_the_expectation_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    dropout = FastDropout(0.2)
+    y = dropout(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.2, abs=0.005)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # kept values scaled by 1 / (1 - p)
+    assert set(y.unique().tolist()) <= {0.0, 1.25}
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_equals_sdpa_with_padding_mask(dtype):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module().train()
+    module.is_causal = False
+    q, k, v = (torch.randn(2, 4, 10, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, 10, 10, dtype=dtype)
+    mask[1, :, :, 7:] = torch.finfo(dtype).min  # row 2 pads its last 3 keys
+    ours, _ = cpu_attention(module, q, k, v, mask, dropout=0.0)
+    ours.float().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0)
+    reference.float().sum().backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(ours.float(), reference.float(), atol=tolerance)
+    for ours_grad, t in zip(grads, (q, k, v)):
+        assert torch.allclose(ours_grad.float(), t.grad.float(), atol=tolerance)
+
+
+def test_model_with_speed_ups_predicts_the_same_and_saves_ordinary_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    def config():  # one each: the attention choice lives on the config
+        return BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64)
+
+    plain = BertForMaskedLM(config()).eval()
+    fast = BertForMaskedLM(config()).eval()
+    fast.load_state_dict(plain.state_dict())
+    changes = speed_up_for_cpu(fast)
+    assert len(changes) == 2
+    assert plain.config._attn_implementation == "sdpa" and fast.config._attn_implementation == "run_mlm_cpu"
+    assert not any(m.training for m in fast.modules())  # replaced dropout layers kept eval mode
+    ids = torch.randint(5, 50, (3, 12))
+    assert torch.allclose(fast(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+    # In training mode the attention path runs (dropout off here to compare exactly).
+    for model in (plain, fast):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    plain.config.attention_probs_dropout_prob = fast.config.attention_probs_dropout_prob = 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = plain(input_ids=ids).logits, fast(input_ids=ids).logits
+    assert torch.allclose(a.float(), b.float(), atol=0.1)
+    fast.save_pretrained(tmp_path)
+    assert "run_mlm_cpu" not in (tmp_path / "config.json").read_text()
+    assert BertForMaskedLM.from_pretrained(tmp_path).config._attn_implementation in ("sdpa", "eager")

@@ -1,0 +1,97 @@
+"""Faster training on CPUs: cheaper dropout masks, and attention that suits the CPU kernels.
+
+Measured on a 2-core Xeon (AMX), BERT 6x384, batch 16 x 128 tokens, bf16 autocast:
+- `bernoulli_`, which torch's dropout draws its masks with, took a quarter of each step.
+  One 64-bit random draw gives four 16-bit uniform numbers; comparing them with a
+  threshold gives the same Bernoulli mask (probability exact to 1/65536) for 1/5 of
+  the time.
+- With dropout on, SDPA runs its unfused math path (50 ms per layer, forward and
+  backward); without dropout, its fused CPU kernel has a slow bf16 backward (55 ms).
+  Plain matmul-softmax-matmul attention takes 9 ms, plus the mask.
+Nothing here changes what is computed in distribution: dropout rates, attention masks
+and the model's weights stay as configured. GPUs and evaluation keep transformers' paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_NAME = "run_mlm_cpu"
+_INT16_SPAN = 1 << 16
+
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """A boolean tensor of `shape`, True with probability 1 - p (to 1/65536), from torch's generator."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    words = -(-numel // 4)  # four 16-bit lanes per 64-bit draw
+    bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    threshold = round(p * _INT16_SPAN) - _INT16_SPAN // 2  # int16 lanes are uniform on [-32768, 32767]
+    return (bits.view(torch.int16)[:numel] >= threshold).view(shape)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout with cheaper masks on CPU; F.dropout itself elsewhere."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return x * keep_mask(x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout (same p, same state dict: none) whose CPU masks cost a fifth."""
+
+    def forward(self, x):
+        return fast_dropout(x, self.p, self.training)
+
+
+def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention for transformers' AttentionInterface, fast on CPU during training; SDPA otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    unsupported = kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None
+    fused_wins = query.dtype == torch.float32 and dropout == 0.0  # SDPA's fused fp32 kernel is fastest then
+    if not module.training or query.device.type != "cpu" or unsupported or fused_wins:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    # Autocast would run softmax in fp32 and cast back for the next matmul: two copies of
+    # batch x heads x seq x seq each way. The CPU softmax accumulates in fp32 on bf16 input
+    # anyway, and the scores are already bf16 (the matmul's output), so skip the copies.
+    with torch.autocast("cpu", enabled=False):
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        probs = fast_dropout(probs, dropout, training=True)
+        output = torch.matmul(probs, value.to(probs.dtype))
+    return output.transpose(1, 2).contiguous(), None
+
+
+def speed_up_for_cpu(model) -> list[str]:
+    """Swap in the faster dropout and attention above; returns what was changed, to log."""
+    from transformers import AttentionInterface
+
+    changes = []
+    replaced = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                fast = FastDropout(child.p)
+                fast.train(child.training)  # a new module would start in training mode
+                setattr(module, name, fast)
+                replaced += 1
+    if replaced:
+        changes.append(f"{replaced} dropout layers draw masks 4 per random number")
+    if getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
+        AttentionInterface.register(ATTENTION_NAME, cpu_attention)
+        model.set_attn_implementation(ATTENTION_NAME)
+        changes.append("attention runs as matmul-softmax-matmul while training (SDPA otherwise)")
+    return changes
