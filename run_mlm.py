@@ -104,6 +104,12 @@ class ModelArguments:
                           "compute (BERT, RoBERTa, XLM-R, DistilBERT, ALBERT, ELECTRA, ModernBERT; other "
                           "models fall back to the dense head). --sparse_prediction false for the dense head."},
     )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "Attention kernel. auto: FlashAttention-2 on a CUDA GPU in bf16/fp16 when flash_attn is "
+                          "installed, else the model's default (SDPA).",
+                  "choices": ["auto", "sdpa", "eager", "flash_attention_2"]},
+    )
     precision: str = field(
         default="auto",
         metadata={"help": "Training precision. auto: bf16 mixed precision where the hardware has bf16 units "
@@ -342,7 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 9. The model, with an MLM head that predicts masked positions only (not on XLA, where the
     #    changing number of masked tokens would recompile the graph every step).
-    model = modeling.build_model(model_args, config, tokenizer)
+    model = modeling.build_model(
+        model_args, config, tokenizer, modeling.choose_attention(model_args.attn_implementation, training_args)
+    )
     sparse = model_args.sparse_prediction and not xla.on_xla(training_args)
     logger.info("MLM head: %s", install_mlm_head(model, sparse=sparse))
     if training_args.device.type == "cpu":

@@ -43,8 +43,11 @@ MLM_PROBABILITY = 0.15
 CONFIGS = {
     "reference": ("reference: dense head, fp32", dict(project=False, bf16=False)),
     "reference+bf16": ("reference + bf16 autocast", dict(project=False, bf16=True)),
+    "dense-fp32": ("project pipeline, dense head, fp32", dict(project=True, sparse=False, precision="fp32")),
     "sparse-fp32": ("project pipeline, sparse head, fp32", dict(project=True, sparse=True, precision="fp32")),
     "dense-bf16": ("project pipeline, dense head, bf16", dict(project=True, sparse=False, precision="bf16")),
+    "no-cpu-kernels": ("project defaults without the CPU dropout/attention kernels",
+                       dict(project=True, sparse=True, precision="auto", cpu_kernels=False)),
     "project": ("project defaults: sparse head, precision auto", dict(project=True, sparse=True, precision="auto")),
     "project+compile": ("project defaults + --torch_compile", dict(project=True, sparse=True, precision="auto",
                                                                    compile=True)),
@@ -179,7 +182,8 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
         install_mlm_head(model, sparse=settings["sparse"])
         from utils.cpu import speed_up_for_cpu
 
-        speed_up_for_cpu(model)
+        if settings.get("cpu_kernels", True):
+            speed_up_for_cpu(model)
         trainer = build_trainer(model, tokenizer, args, train, evaluation, collator, callbacks=[timer.callback])
         masked_fraction = MLM_PROBABILITY if settings["sparse"] else 1.0
 
@@ -229,6 +233,9 @@ def main() -> None:
     parser.add_argument("--loss_steps", type=int, default=0,
                         help="also train dense and sparse heads (same precision) this many steps and compare losses")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over all configurations; the table shows each one's median (machines here are "
+                             "noisy: interleaving spreads slow periods over all configurations)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--logging_steps", type=int, default=10, help=argparse.SUPPRESS)
@@ -249,18 +256,31 @@ def main() -> None:
               f"matmul peak bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s")
         print(f"Model: BERT {LAYERS}x{HIDDEN}, {HEADS} heads, intermediate {INTERMEDIATE}, vocab {VOCAB}; "
               f"seq {SEQ}, batch {BATCH}; {args.warmup} warm-up + {args.steps} timed steps; "
-              f"eval on {args.eval_blocks} blocks\n")
-        results = [run_in_child(name, data, args.steps, args.warmup, args.seed, 10) for name in args.configs]
-        print_table(results, peaks)
+              f"eval on {args.eval_blocks} blocks; median of {args.repeats} interleaved round(s)\n")
+        rounds = [[run_in_child(name, data, args.steps, args.warmup, args.seed, 10) for name in args.configs]
+                  for _ in range(args.repeats)]
+        print_table([median_result([r[i] for r in rounds]) for i in range(len(args.configs))], peaks)
         if args.loss_steps:
             compare_losses(data, args)
+
+
+def median_result(runs: list[dict]) -> dict:
+    """One configuration's runs: median speeds, highest memory."""
+    import statistics
+
+    merged = dict(runs[0])
+    for key in ("train_tokens_per_s", "eval_tokens_per_s"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    merged["spread"] = (min(r["train_tokens_per_s"] for r in runs), max(r["train_tokens_per_s"] for r in runs))
+    return merged
 
 
 def print_table(results: list[dict], peaks: dict) -> None:
     by_name = {r["name"]: r for r in results}
     reference = by_name.get("reference")
     reference_bf16 = by_name.get("reference+bf16")
-    print("| configuration | precision | train tok/s | vs ref | vs ref+bf16 | eval tok/s | vs ref | "
+    print("| configuration | precision | train tok/s (min-max) | vs ref | vs ref+bf16 | eval tok/s | vs ref | "
           "MFU bf16 | MFU fp32 | peak RSS MB | eval loss |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     def ratio(r, base, key):
@@ -268,7 +288,8 @@ def print_table(results: list[dict], peaks: dict) -> None:
 
     for r in results:
         achieved = r["train_tokens_per_s"] * r["flops_per_token"]
-        print(f"| {CONFIGS[r['name']][0]} | {r['precision']} | {r['train_tokens_per_s']:.0f} | "
+        low, high = r.get("spread", (r["train_tokens_per_s"],) * 2)
+        print(f"| {CONFIGS[r['name']][0]} | {r['precision']} | {r['train_tokens_per_s']:.0f} ({low:.0f}-{high:.0f}) | "
               f"{ratio(r, reference, 'train_tokens_per_s')} | {ratio(r, reference_bf16, 'train_tokens_per_s')} | "
               f"{r['eval_tokens_per_s']:.0f} | {ratio(r, reference, 'eval_tokens_per_s')} | "
               f"{achieved / peaks['bfloat16']:.0%} | {achieved / peaks['float32']:.0%} | "

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-                   num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+                   num_items_in_batch: torch.Tensor | int | None = None, all_labelled: bool = False) -> torch.Tensor:
     """Cross-entropy summed over labelled positions, divided by `num_items_in_batch`.
 
     `logits` are (..., vocab) for every position of `labels` (dense head) or for the
-    labelled positions only (sparse head, `labels` then holds just their targets). The
+    labelled positions only (sparse head: `labels` holds just their targets, and
+    `all_labelled` says so without a data-dependent check). The
     Trainer passes `num_items_in_batch`, the number of labelled tokens of the whole global
     batch (all processes, all accumulation steps), and scales for the processes itself, so
     the gradient is the exact mean over those tokens on 1 or N processes, with or without
@@ -26,7 +27,7 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
         # The number of labelled tokens changes every batch; selecting them would be a new
         # shape, hence a new XLA compilation, at every step. Keep the full shape instead.
         total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    elif logits.dim() == 2 and labels.dim() == 1 and bool(labelled.all()):
+    elif all_labelled:
         # Sparse head: every row is a labelled position already; selecting would copy them all.
         total = F.cross_entropy(logits.float(), labels, reduction="sum")
     else:

@@ -183,12 +183,17 @@ def build_collator(tokenizer, data_args, training_args=None, start_step: int = 0
             "accumulation_steps": training_args.gradient_accumulation_steps,
             "start_step": start_step,
         }
+    # Rows padded to the longest of the batch (line_by_line) get lengths that suit matrix
+    # units (tensor cores, AMX tiles) unless the user chose a multiple.
+    pad_to_multiple_of = data_args.pad_to_multiple_of
+    if pad_to_multiple_of is None and getattr(data_args, "line_by_line", False) and not data_args.pad_to_max_length:
+        pad_to_multiple_of = 8
     return MLMCollator(
         tokenizer=tokenizer,
         mlm_probability=data_args.mlm_probability,
         mask_replace_prob=mask_replace_prob,
         random_replace_prob=random_replace_prob,
         whole_word_mask=data_args.whole_word_mask,
-        pad_to_multiple_of=data_args.pad_to_multiple_of,
+        pad_to_multiple_of=pad_to_multiple_of,
         **layout,
     )

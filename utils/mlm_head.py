@@ -87,7 +87,8 @@ def _sparse(original, encoder, head):
         hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)[0]
         selected = labels != -100
         logits = head(hidden[selected])
-        return MaskedLMOutput(loss=masked_lm_loss(logits, labels[selected], num_items_in_batch), logits=logits)
+        loss = masked_lm_loss(logits, labels[selected], num_items_in_batch, all_labelled=True)
+        return MaskedLMOutput(loss=loss, logits=logits)
 
     return forward
 

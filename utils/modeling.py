@@ -110,15 +110,29 @@ def resolve_max_seq_length(requested: int | None, tokenizer, config, from_scratc
     return requested
 
 
-def build_model(model_args, config, tokenizer):
+def choose_attention(requested: str, training_args) -> str | None:
+    """The attention implementation to ask transformers for (None: the model's default, SDPA)."""
+    if requested != "auto":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    half = training_args.bf16 or training_args.fp16
+    if training_args.device.type == "cuda" and half and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return None
+
+
+def build_model(model_args, config, tokenizer, attn_implementation: str | None = None):
     """Load pretrained weights or initialise a new model; make the embeddings cover the tokenizer."""
     dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if model_args.model_name_or_path:
         try:
             model = AutoModelForMaskedLM.from_pretrained(
                 model_args.model_name_or_path,
                 config=config,
                 dtype=model_args.dtype if model_args.dtype == "auto" else dtype,
+                **attention,
                 **_hub_kwargs(model_args),
             )
         except (OSError, ValueError) as e:
@@ -126,11 +140,15 @@ def build_model(model_args, config, tokenizer):
                              f"({one_line(e)})") from e
     else:
         logger.info("Training a new %s model from scratch", config.model_type)
-        model = AutoModelForMaskedLM.from_config(
-            config, trust_remote_code=model_args.trust_remote_code, dtype=dtype
-        )
+        try:
+            model = AutoModelForMaskedLM.from_config(
+                config, trust_remote_code=model_args.trust_remote_code, dtype=dtype, **attention
+            )
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"--attn_implementation {attn_implementation}: {one_line(e)}") from e
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("Model: %s, %.2fM parameters", type(model).__name__, n_params / 1e6)
+    logger.info("Model: %s, %.2fM parameters, attention %s", type(model).__name__, n_params / 1e6,
+                model.config._attn_implementation)
     # A tokenizer with more tokens than the embedding table would index past its end.
     embedding_size = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embedding_size:
