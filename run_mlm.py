@@ -19,6 +19,7 @@ Every `transformers.TrainingArguments` flag is accepted too. `python run_mlm.py 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import time
@@ -28,7 +29,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from utils import data, distributed, metrics, modeling, xla
 from utils import tokenizer as tokenizers
-from utils.args import move_hub_token_to_env, parse_args
+from utils.args import given_keys, move_hub_token_to_env, parse_args
 from utils.checkpoints import find_resume_checkpoint
 from utils.corpus import BUILTIN_CORPORA, build_corpus
 from utils.cpu import speed_up_for_cpu
@@ -40,6 +41,7 @@ from utils.masking import build_collator, mask_eval_dataset
 from utils.mlm_head import install_mlm_head
 from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
+from utils.plot_metrics import plot_run
 from utils.precision import apply_precision
 from utils.training import build_trainer, checkpoint_step
 
@@ -284,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     move_hub_token_to_env(training_args)
     # What the user chose, before the adjustments below: saved as an args file that reruns the run.
     run_args = non_default_args(model_args, data_args, training_args)
+    if "report_to" not in given_keys(argv) and importlib.util.find_spec("tensorboard") is not None:
+        training_args.report_to = ["tensorboard"]  # on by default when installed (--report_to none to turn off)
 
     # 2. Precision (bf16 where the hardware has it), logging (one summary per process, details
     #    from the main process only), and on XLA (TPU) the settings that keep shapes static,
@@ -359,8 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
     compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None
+    tokens_per_step = (training_args.per_device_train_batch_size * training_args.world_size
+                       * training_args.gradient_accumulation_steps * max_seq_length)
     trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
-                            callbacks=[compilations] if compilations else None)
+                            callbacks=[compilations] if compilations else None, tokens_per_step=tokens_per_step)
 
     # 11. Train, then save the model, tokenizer and training state.
     results = {}
@@ -385,13 +391,19 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         results.update(eval_metrics)
 
-    # 13. Model card and the run's arguments (an args file that reruns it), then fill-mask
-    #     predictions with the trained model.
+    # 13. The loss plot, the model card and the run's arguments (an args file that reruns it),
+    #     then fill-mask predictions with the trained model.
     if training_args.do_train and trainer.is_world_process_zero():
+        try:
+            plot = plot_run(training_args.output_dir).name
+        except UsageError as e:  # a run shorter than --logging_steps has no curve to draw
+            logger.info("No loss plot: %s", e)
+            plot = None
         write_run_args(training_args.output_dir, run_args)
         write_model_card(
             training_args.output_dir, trainer.model, model_args, data_args, training_args, trainer.state, results,
             max_seq_length, tokenizer_source, tokenizer.mask_token, sys.argv[1:] if argv is None else argv,
+            tokens_per_step=tokens_per_step, plot=plot,
         )
     if data_args.fill_mask_sentences and trainer.is_world_process_zero():
         predictions = predict_masks(trainer.model, tokenizer, data_args.fill_mask_sentences,

@@ -69,6 +69,22 @@ def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple
         raise UsageError(one_line(e, limit=1000)) from e
 
 
+def given_keys(argv: list[str] | None = None) -> set[str]:
+    """The argument names set explicitly: keys of the args file and flags on the command line.
+
+    Tells "--report_to none" (a choice) from not mentioning report_to (the default).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keys = set()
+    if argv and argv[0].endswith(ARGS_FILE_SUFFIXES):
+        keys |= set(read_args_file(argv.pop(0)))
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
+            keys.add(name[3:] if name.startswith("no_") else name)
+    return keys
+
+
 def move_hub_token_to_env(training_args) -> None:
     """Keep --hub_token out of files: the Trainer pickles its arguments into every checkpoint.
 

@@ -50,7 +50,8 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True, scale: bool =
         # Under torch.compile, inductor draws dropout masks with its own fast generator.
         dropped = F.dropout(x, p, training=True)
         return dropped if scale else dropped * (1.0 - p)
-    dropped = x.masked_fill(drop_mask(x.shape, p, x.device), 0)
+    # Multiplying by the 0/1 mask measured faster than masked_fill here, forward and backward.
+    dropped = x * keep_mask(x.shape, p, x.device).to(x.dtype)
     return dropped * (1.0 / (1.0 - p)) if scale else dropped
 
 

@@ -16,12 +16,16 @@ from utils.errors import UsageError, exit_on_usage_error, one_line
 MASK_SPELLINGS = re.compile(r"\[MASK\]|<mask>", flags=re.IGNORECASE)
 
 
+def check_has_mask(sentence: str, mask_token: str | None = None) -> None:
+    """A sentence without [MASK], <mask> (or the tokenizer's own mask token) is an error."""
+    if not MASK_SPELLINGS.search(sentence) and (mask_token is None or mask_token not in sentence):
+        raise UsageError(f"no mask in {sentence!r}: write [MASK] or <mask> where a word should be predicted")
+
+
 def adapt_mask_token(sentence: str, mask_token: str) -> str:
     """Rewrite [MASK] / <mask> in `sentence` as `mask_token`; a sentence without a mask is an error."""
-    adapted, n = MASK_SPELLINGS.subn(mask_token, sentence)
-    if n == 0 and mask_token not in sentence:
-        raise UsageError(f"no mask in {sentence!r}: write [MASK] (or {mask_token}) where a word should be predicted")
-    return adapted
+    check_has_mask(sentence, mask_token)
+    return MASK_SPELLINGS.sub(mask_token, sentence)
 
 
 def predict_masks(model, tokenizer, sentences: list[str], top_k: int = 5) -> list[list[list[dict]]]:
@@ -64,8 +68,13 @@ def main(argv: list[str] | None = None) -> None:
             sentences += [line.strip() for line in f if line.strip()]
     if not sentences:
         raise UsageError("give at least one sentence with [MASK], or --file")
+    for sentence in sentences:  # before loading anything
+        check_has_mask(sentence)
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)

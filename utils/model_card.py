@@ -100,8 +100,15 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
 def write_model_card(output_dir: str, model, model_args, data_args, training_args, state, metrics: dict,
-                     max_seq_length: int, tokenizer_source: str, mask_token: str, argv: list[str]) -> Path:
+                     max_seq_length: int, tokenizer_source: str, mask_token: str, argv: list[str],
+                     tokens_per_step: int | None = None, plot: str | None = None) -> Path:
     """Write README.md in `output_dir`: what was trained, on what, how, the results and how to rerun it."""
     import datasets
     import tokenizers
@@ -147,13 +154,20 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
         f"- Masking: {data_args.mlm_probability:.0%} of tokens "
         f"({data_args.mask_replace_prob:.0%} [MASK] / {data_args.random_replace_prob:.0%} random / rest kept)"
         f"{', whole words' if data_args.whole_word_mask else ''}.",
-        f"- Precision: {precision}. Seed: {training_args.seed}.", "",
+        f"- Precision: {precision}. Seed: {training_args.seed}.",
+        *([f"- Tokens seen: {state.global_step * tokens_per_step:,} "
+           f"({'rows x max_seq_length' if data_args.line_by_line else 'packed blocks'})."] if tokens_per_step else []),
+        *([f"- Training time: {_duration(metrics['train_runtime'])} on {world} process(es) "
+           f"({training_args.device.type})."] if "train_runtime" in metrics else []),
+        "",
         "## Results on the held-out set", "",
         "Evaluation masks are drawn once with the run's seed, so the numbers compare across steps.", "",
         "| " + " | ".join(k for k, _ in results) + " |" if results else "No evaluation was run.",
     ]
     if results:
         lines += ["|" + "---|" * len(results), "| " + " | ".join(_fmt(v) for _, v in results) + " |"]
+    if plot:
+        lines += ["", f"![Train and eval loss, learning rate]({plot})"]
     lines += [
         "", "## Use", "", "```python", "from transformers import pipeline", "",
         f'fill = pipeline("fill-mask", model="{output_dir}")',
