@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import data, distributed, metrics, modeling, xla
+from utils import data, distributed, metrics, modeling, prepare_dataset, streaming, xla
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, move_hub_token_to_env, parse_args
 from utils.checkpoints import find_resume_checkpoint
@@ -221,7 +221,17 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on at most this many examples (blocks)."}
     )
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of loading it whole."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read, tokenize and pack the text on the fly instead of preparing it whole: for corpora "
+                          "larger than the disk cache. Needs --max_steps; evaluates on --max_eval_samples "
+                          "held-out blocks (default 512); each process tokenizes its own share."},
+    )
+    tokenized_dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Train on data prepared by `python -m utils.prepare_dataset` (blocks + tokenizer + "
+                          "manifest) instead of tokenizing here; a mismatch with the run is an error."},
+    )
     fill_mask_sentences: list[str] | None = field(
         default=None,
         metadata={"help": "Sentences with [MASK] (or <mask>) to predict with the trained model at the end."},
@@ -236,7 +246,7 @@ class DataTrainingArguments:
         sources = [f"--{name}" for name in ("dataset_name", "train_file", "builtin_corpus") if getattr(self, name)]
         if len(sources) > 1:
             raise UsageError(f"{' and '.join(sources)} both name training data; keep one")
-        if not sources and not self.validation_file:
+        if not sources and not self.validation_file and not self.tokenized_dataset_path:
             raise UsageError("no data given: pass --train_file, --dataset_name or --builtin_corpus")
         for name in ("train_file", "validation_file"):
             for path in getattr(self, name) or []:
@@ -255,8 +265,18 @@ class DataTrainingArguments:
         if self.pad_to_max_length and not self.line_by_line:
             raise UsageError("--pad_to_max_length only applies with --line_by_line (blocks are always full); "
                              "add --line_by_line or drop it")
+        if self.tokenized_dataset_path:
+            for name in ("streaming", "line_by_line"):
+                if getattr(self, name):
+                    raise UsageError(f"--tokenized_dataset_path holds prepared blocks; --{name} does not apply, "
+                                     "drop it")
         if self.streaming:
-            raise UsageError("--streaming is not supported yet; load the dataset whole (drop --streaming)")
+            for name in ("line_by_line", "whole_word_mask"):
+                if getattr(self, name):
+                    raise UsageError(f"--streaming packs blocks of token ids; --{name} is not supported with it, "
+                                     "drop one of them")
+            if self.builtin_corpus:
+                raise UsageError("--builtin_corpus is small enough to load whole; drop --streaming")
 
 
 def check_run_arguments(model_args, data_args, training_args) -> None:
@@ -264,11 +284,14 @@ def check_run_arguments(model_args, data_args, training_args) -> None:
     if not (training_args.do_train or training_args.do_eval):
         raise UsageError("nothing to do: pass --do_train and/or --do_eval")
     if training_args.do_eval and not data_args.validation_file and data_args.validation_split_percentage == 0 \
-            and data_args.dataset_name is None:
+            and data_args.dataset_name is None and not data_args.streaming and not data_args.tokenized_dataset_path:
         raise UsageError("--do_eval needs evaluation text: pass --validation_file or a "
                          "--validation_split_percentage above 0")
-    if training_args.do_train and not (data_args.train_file or data_args.dataset_name or data_args.builtin_corpus):
+    if training_args.do_train and not (data_args.train_file or data_args.dataset_name or data_args.builtin_corpus
+                                       or data_args.tokenized_dataset_path):
         raise UsageError("--do_train needs training text: pass --train_file, --dataset_name or --builtin_corpus")
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs in")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -306,44 +329,71 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Seed everything before any random initialisation.
     set_seed(training_args.seed)
 
-    # 5. Raw text: hub dataset, local files, or a corpus built from this machine's files.
-    train_files = None
-    if data_args.builtin_corpus:
-        with distributed.main_process_first(training_args, "building the corpus"):
-            train_files = [str(build_corpus(data_args.builtin_corpus, model_args.cache_dir))]
-    raw_datasets = data.load_raw_datasets(data_args, model_args, train_files)
+    # 5. Raw text: hub dataset, local files, or a corpus built from this machine's files (none
+    #    when training on data prepared ahead by utils/prepare_dataset.py).
+    raw_datasets = None
+    if not data_args.tokenized_dataset_path:
+        train_files = None
+        if data_args.builtin_corpus:
+            with distributed.main_process_first(training_args, "building the corpus"):
+                train_files = [str(build_corpus(data_args.builtin_corpus, model_args.cache_dir))]
+        raw_datasets = data.load_raw_datasets(data_args, model_args, train_files)
 
-    # 6. Tokenizer: the given one, the pretrained model's, the checkpoint's, or one trained on the text.
+    # 6. Tokenizer: the given one, the pretrained model's, the prepared data's, the checkpoint's,
+    #    or one trained on the text.
     tokenizer, tokenizer_source = tokenizers.load_or_train_tokenizer(
         model_args, data_args, raw_datasets, checkpoint, training_args
     )
+    prepared = manifest = None
+    if data_args.tokenized_dataset_path:
+        prepared, manifest = prepare_dataset.load_prepared(data_args.tokenized_dataset_path, tokenizer, data_args)
 
     # 7. Model configuration, and the block length it and the tokenizer can take.
     config = modeling.load_config(model_args)
     if model_args.from_scratch:
         modeling.fit_config_to_tokenizer(config, tokenizer)
     max_seq_length = modeling.resolve_max_seq_length(
-        data_args.max_seq_length, tokenizer, config, model_args.from_scratch, model_args.config_overrides
+        manifest["block_size"] if manifest else data_args.max_seq_length,
+        tokenizer, config, model_args.from_scratch, model_args.config_overrides
     )
     if data_args.whole_word_mask and not tokenizer.is_fast:
         raise UsageError("--whole_word_mask needs a fast tokenizer (offsets); drop --use_fast_tokenizer false")
 
-    # 8. Tokenize and group into blocks (the main process first; the others read its cache), and
-    #    the masking collator, whose masks depend on (seed, step, row of the global batch) only.
-    with distributed.main_process_first(training_args, "tokenizing"):
-        started = time.time()
-        lm_datasets = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length)
-    distributed.report_cache_reuse(lm_datasets, started, training_args)
+    # 8. Tokenize and pack into blocks (the main process first; the others read its cache), or
+    #    stream them (each process its own share), or read the prepared blocks; then the masking
+    #    collator, whose masks depend on (seed, step, row of the global batch) only.
     collator = build_collator(tokenizer, data_args, training_args, start_step=checkpoint_step(checkpoint))
     train_dataset = eval_dataset = None
-    if training_args.do_train:
-        train_dataset = data.truncate(lm_datasets["train"], data_args.max_train_samples)
+    if data_args.streaming:
+        train_dataset, eval_dataset = streaming.streaming_datasets(
+            raw_datasets, tokenizer, data_args, max_seq_length, n_parts=training_args.world_size,
+            text_column=data.text_column_of(raw_datasets["train" if "train" in raw_datasets else "validation"],
+                                            data_args.text_column_name),
+            do_eval=training_args.do_eval,
+        )
+        # Each process reads its own shard of the stream (the default would have rank 0 read for all).
+        training_args.accelerator_config.dispatch_batches = False
+        if training_args.world_size > 1:
+            rank, world = training_args.process_index, training_args.world_size
+            distributed.process_logger.info("Process %d of %d streams its own share of the training text: texts "
+                                            "%d, %d, %d, ...", rank, world, rank, rank + world, rank + 2 * world)
+    else:
+        if prepared is None:
+            with distributed.main_process_first(training_args, "tokenizing"):
+                started = time.time()
+                prepared = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length)
+            distributed.report_cache_reuse(prepared, started, training_args)
+        if training_args.do_train:
+            train_dataset = data.truncate(prepared["train"], data_args.max_train_samples)
+        if training_args.do_eval:
+            if "validation" not in prepared:
+                raise UsageError(f"--do_eval: {data_args.tokenized_dataset_path} has no validation split; prepare "
+                                 "it with --validation_file or --validation_split_percentage, or drop --do_eval")
+            eval_dataset = data.truncate(prepared["validation"], data_args.max_eval_samples)
     if training_args.do_eval:
         # Masked once with a fixed seed: every evaluation scores the same positions.
         with distributed.main_process_first(training_args, "masking the evaluation set"):
-            eval_dataset = mask_eval_dataset(
-                data.truncate(lm_datasets["validation"], data_args.max_eval_samples), collator, training_args.seed
-            )
+            eval_dataset = mask_eval_dataset(eval_dataset, collator, training_args.seed)
         if xla.on_xla(training_args):
             full = xla.trim_to_full_batches(eval_dataset, training_args.per_device_eval_batch_size,
                                             training_args.world_size)
@@ -373,7 +423,10 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-        train_metrics = dict(train_result.metrics, train_samples=len(train_dataset))
+        # A stream has no length: count the blocks trained on instead.
+        train_samples = (trainer.state.global_step * tokens_per_step // max_seq_length if data_args.streaming
+                         else len(train_dataset))
+        train_metrics = dict(train_result.metrics, train_samples=train_samples)
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

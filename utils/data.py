@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
+import time
 from collections.abc import Iterable
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
+import pyarrow as pa
+from datasets import Dataset, DatasetDict, Features, LargeList, Value, load_dataset
+from tqdm.auto import tqdm
 
 from utils.errors import UsageError, one_line
 
@@ -91,8 +95,11 @@ def load_raw_datasets(data_args, model_args, train_files: list[str] | None = Non
         ):
             if patterns:
                 builder, files = resolve_data_files(patterns, flag)
-                raw[split] = load_dataset(builder, data_files=files, split="train", **common)
-    if "validation" not in raw and "train" in raw and data_args.validation_split_percentage > 0:
+                raw[split] = load_dataset(builder, data_files=files, split="train", streaming=data_args.streaming,
+                                          **common)
+    # A stream has no length to take a percentage of: streaming holds out blocks instead (utils.streaming).
+    if "validation" not in raw and "train" in raw and data_args.validation_split_percentage > 0 \
+            and not data_args.streaming:
         raw["validation"], raw["train"] = split_off_validation(raw["train"], data_args.validation_split_percentage)
     return raw
 
@@ -114,6 +121,16 @@ def split_off_validation(dataset: Dataset, percentage: float) -> tuple[Dataset, 
     return dataset.select(range(n_validation)), dataset.select(range(n_validation, len(dataset)))
 
 
+def text_column_of(dataset, requested: str | None) -> str:
+    """The text column of a dataset or stream (a stream of json may not know its columns before reading)."""
+    column_names, features = dataset.column_names, dataset.features
+    if column_names is None:  # an unresolved stream: look at its first row
+        first = next(iter(dataset), {})
+        column_names = list(first)
+        features = {k: Value("string") for k, v in first.items() if isinstance(v, str)}
+    return find_text_column(column_names, features or {}, requested)
+
+
 def find_text_column(column_names: list[str], features, requested: str | None) -> str:
     """Choose the column that holds the text: `requested`, else "text", else the only string column."""
     if requested is not None:
@@ -133,6 +150,41 @@ def find_text_column(column_names: list[str], features, requested: str | None) -
 
 def _non_blank(texts: list[str]) -> list[str]:
     return [t for t in texts if t and not t.isspace()]
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned integer type that holds every token id (uint16 up to 65536 tokens)."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def encode_to_arrays(texts: list[str], tokenizer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` (with special tokens) as one flat array, and each text's offset into it.
+
+    Fast tokenizers go straight to the Rust backend's `encode_batch_fast` (no offsets, no
+    Python-side BatchEncoding): this is most of the raw tokenizer's speed.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        sequences = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+    else:
+        sequences = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False,
+                              verbose=False)["input_ids"]
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=int(offsets[-1]))
+    return ids, offsets
+
+
+def tokenize_batch(batch: pa.Table, tokenizer, text_column: str, dtype: str) -> pa.Table:
+    """`datasets.map` function (arrow format): one row of token ids per non-blank text, nothing else.
+
+    Attention masks and token type ids are implied by full blocks, so they are not stored;
+    ids take the smallest integer type (a quarter of the int64 the reference stores).
+    """
+    texts = _non_blank(batch.column(text_column).to_pylist())
+    ids, offsets = encode_to_arrays(texts, tokenizer, dtype)
+    return pa.table({"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))})
 
 
 def tokenize_texts(examples: dict, tokenizer, text_column: str, with_offsets: bool = False) -> dict:
@@ -164,11 +216,94 @@ def tokenize_lines(
     return dict(encoded)
 
 
+class BlockPacker:
+    """Cut a stream of token sequences into blocks of `block_size`, carrying the remainder along.
+
+    Only the tail of the whole stream (less than one block) is lost, unlike grouping each
+    `datasets.map` batch on its own, which drops a partial block per batch of texts. Works on
+    Arrow arrays of any element type (token ids, or offset pairs for whole-word masking).
+    """
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.carry: dict[str, pa.Array] = {}
+
+    def add(self, columns: dict[str, pa.Array]) -> dict[str, pa.Array]:
+        """Append flat token arrays (one per column, equal lengths); return the full blocks now available."""
+        blocks = {}
+        for name, flat in columns.items():
+            if name in self.carry and len(self.carry[name]):
+                flat = pa.concat_arrays([self.carry[name], flat])
+            n_tokens = len(flat) // self.block_size * self.block_size
+            blocks[name] = pa.FixedSizeListArray.from_arrays(flat.slice(0, n_tokens), self.block_size)
+            # A copy, so that the carry does not pin the whole batch's buffers in memory.
+            self.carry[name] = pa.concat_arrays([flat.slice(n_tokens)])
+        return blocks
+
+    @property
+    def tokens_left(self) -> int:
+        """Tokens in the partial block at the end: the only ones not trained on."""
+        return max((len(a) for a in self.carry.values()), default=0)
+
+
+def pack_dataset(tokenized: Dataset, block_size: int, overwrite: bool = False, desc: str = "") -> tuple[Dataset, int]:
+    """Group a tokenized dataset (list columns) into blocks of `block_size` in one pass over its Arrow data.
+
+    Concatenation is done by Arrow on whole record batches, not with Python lists. The
+    result is cached next to the tokenized data, keyed on its fingerprint and the block
+    size, and written under a temporary name first, so a reader never sees half a file.
+    Returns the blocks and the number of tokens lost (the last partial block).
+    """
+    table = tokenized.data.table
+    names = table.column_names
+    cache_files = tokenized.cache_files
+    path = None
+    if cache_files:
+        directory = os.path.dirname(cache_files[0]["filename"])
+        path = os.path.join(directory, f"blocks-{tokenized._fingerprint}-{block_size}.arrow")
+        if os.path.exists(path) and os.path.exists(path + ".lost") and not overwrite:
+            logger.info("Reusing the grouped blocks in %s", path)
+            with open(path + ".lost") as f:
+                return Dataset.from_file(path), int(f.read())
+    packer = BlockPacker(block_size)
+    schema = None
+    batches = []
+    sink = writer = None
+    tmp = f"{path}.tmp{os.getpid()}" if path else None
+    with tqdm(total=sum(len(c.flatten()) for c in table.column(names[0]).chunks) if table.num_rows else 0,
+              unit="tok", unit_scale=True, desc=desc or f"Grouping into blocks of {block_size}",
+              disable=not logger.isEnabledFor(logging.INFO)) as bar:
+        for record_batch in table.to_batches(max_chunksize=10_000):
+            flat = {name: record_batch.column(name).flatten() for name in names}
+            bar.update(len(flat[names[0]]))
+            blocks = packer.add(flat)
+            out = pa.record_batch(list(blocks.values()), names=list(blocks))
+            if schema is None:
+                schema = out.schema
+                if tmp:
+                    sink = pa.OSFile(tmp, "wb")
+                    writer = pa.ipc.new_stream(sink, schema)
+            if writer:
+                writer.write_batch(out)
+            else:
+                batches.append(out)
+    if writer:
+        writer.close()
+        sink.close()
+        os.replace(tmp, path)
+        with open(path + ".lost", "w") as f:
+            f.write(str(packer.tokens_left))
+        return Dataset.from_file(path), packer.tokens_left
+    if schema is None:
+        return Dataset.from_dict({name: [] for name in names}), 0
+    return Dataset(pa.Table.from_batches(batches)), packer.tokens_left
+
+
 def group_texts(examples: dict, block_size: int) -> dict:
     """Concatenate each column's sequences and cut them into blocks of `block_size` tokens.
 
-    The tail shorter than one block is dropped. Token ids are stored as int32 (half of
-    the default int64), which holds any vocabulary.
+    The reference's grouping, per `datasets.map` batch (kept for the benchmark and the
+    whole-word-mask path's tests): the tail shorter than one block of every batch is dropped.
     """
     grouped = {}
     for column, sequences in examples.items():
@@ -180,21 +315,22 @@ def group_texts(examples: dict, block_size: int) -> dict:
     return grouped
 
 
-def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: int) -> DatasetDict:
+def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: int,
+                        stats: dict | None = None) -> DatasetDict:
     """Tokenize `raw` and turn it into training examples (fixed blocks, or one per line).
 
     Results go to the `datasets` cache: run it on the main process first, and the others
-    read the cache instead of tokenizing again.
+    read the cache instead of tokenizing again. Blocks keep tokens across batches of texts:
+    at most one partial block per split is lost (logged, and recorded in `stats[split]`).
     """
-    text_column = find_text_column(raw["train" if "train" in raw else "validation"].column_names,
-                                   raw["train" if "train" in raw else "validation"].features,
-                                   data_args.text_column_name)
+    text_column = text_column_of(raw["train" if "train" in raw else "validation"], data_args.text_column_name)
     with_offsets = data_args.whole_word_mask
     map_kwargs = {
         "batched": True,
         "num_proc": data_args.preprocessing_num_workers,
         "load_from_cache_file": not data_args.overwrite_cache,
     }
+    dtype = token_dtype(len(tokenizer))
     processed = DatasetDict()
     for split, dataset in raw.items():
         if data_args.line_by_line:
@@ -207,19 +343,31 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
                 **map_kwargs,
             )
         else:
-            tokenized = dataset.map(
-                tokenize_texts,
-                fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "with_offsets": with_offsets},
-                remove_columns=dataset.column_names,
-                desc=f"Tokenizing {split}",
-                **map_kwargs,
-            )
-            processed[split] = tokenized.map(
-                group_texts,
-                fn_kwargs={"block_size": max_seq_length},
-                desc=f"Grouping {split} into blocks of {max_seq_length}",
-                **map_kwargs,
-            )
+            started = time.perf_counter()
+            if with_offsets:
+                # Whole-word masking needs each token's character offsets: the slower, general path.
+                tokenized = dataset.map(
+                    tokenize_texts,
+                    fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "with_offsets": True},
+                    remove_columns=dataset.column_names, desc=f"Tokenizing {split}", **map_kwargs,
+                )
+            else:
+                tokenized = dataset.select_columns([text_column]).with_format("arrow").map(
+                    tokenize_batch,
+                    fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "dtype": dtype},
+                    remove_columns=[text_column],
+                    features=Features({"input_ids": LargeList(Value(dtype))}),
+                    desc=f"Tokenizing {split}",
+                    **map_kwargs,
+                ).with_format(None)
+            processed[split], lost = pack_dataset(tokenized, max_seq_length, overwrite=data_args.overwrite_cache,
+                                                  desc=f"Grouping {split} into blocks of {max_seq_length}")
+            n_blocks = len(processed[split])
+            if stats is not None:
+                stats[split] = {"blocks": n_blocks, "tokens_lost": lost}
+            logger.info("%s: %d blocks of %d tokens (%d tokens), %d tokens left over in the last partial block; "
+                        "%.1f s", split, n_blocks, max_seq_length, n_blocks * max_seq_length, lost,
+                        time.perf_counter() - started)
         if len(processed[split]) == 0:
             raise UsageError(
                 f"the {split} split has fewer tokens than one block of {max_seq_length} "

@@ -9,11 +9,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from datasets import IterableDataset
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.errors import UsageError, one_line
 
 logger = logging.getLogger(__name__)
+
+# With --streaming, a tokenizer trained from scratch learns from the first this many characters.
+STREAM_SAMPLE_CHARS = 200_000_000
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}
@@ -77,6 +81,28 @@ def train_or_load_cached_tokenizer(
     return tokenizer
 
 
+def sample_stream(stream, text_column: str, max_chars: int = STREAM_SAMPLE_CHARS):
+    """The first `max_chars` characters of a stream's texts, as a dataset to train a tokenizer on.
+
+    Its fingerprint depends on the texts only, so every process and rerun finds the same
+    cached tokenizer.
+    """
+    from datasets import Dataset
+
+    from utils.streaming import iter_texts
+
+    texts, chars = [], 0
+    for text in iter_texts(stream, text_column):
+        texts.append(text)
+        chars += len(text)
+        if chars >= max_chars:
+            break
+    logger.info("Streaming: training the tokenizer on the first %d texts (%.0f MB)", len(texts), chars / 1e6)
+    sample = Dataset.from_dict({text_column: texts})
+    sample._fingerprint = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    return sample
+
+
 def load_pretrained_tokenizer(name_or_path: str, model_args, flag: str):
     """Load a tokenizer from a directory or the hub; `flag` names the argument it came from."""
     try:
@@ -104,24 +130,32 @@ def check_mask_token(tokenizer, source: str) -> None:
 def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, training_args):
     """The run's tokenizer and a phrase saying where it came from.
 
-    In order: --tokenizer_name, the pretrained model's, the checkpoint being resumed, or a
+    In order: --tokenizer_name, the pretrained model's, the one saved with prepared data
+    (--tokenized_dataset_path), the checkpoint being resumed, or a
     WordPiece tokenizer trained on the training text (by rank 0 only, then sent to the
     other processes: two trainings need not give the same vocabulary).
     """
     from utils import distributed
     from utils.corpus import run_cache_dir
-    from utils.data import find_text_column
+    from utils.data import text_column_of
 
     if model_args.tokenizer_name or model_args.model_name_or_path:
         flag = "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path"
         name = getattr(model_args, flag)
         tokenizer, source = load_pretrained_tokenizer(name, model_args, flag), f"`{name}` (--{flag})"
+    elif getattr(data_args, "tokenized_dataset_path", None):
+        from utils.prepare_dataset import load_prepared_tokenizer
+
+        tokenizer = load_prepared_tokenizer(data_args.tokenized_dataset_path)
+        source = f"the prepared data's, `{data_args.tokenized_dataset_path}`"
     elif checkpoint and os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
         tokenizer = load_pretrained_tokenizer(checkpoint, model_args, "resume_from_checkpoint")
         source = f"the checkpoint resumed from, `{checkpoint}`"
     else:
         split = raw_datasets["train"] if "train" in raw_datasets else raw_datasets["validation"]
-        text_column = find_text_column(split.column_names, split.features, data_args.text_column_name)
+        text_column = text_column_of(split, data_args.text_column_name)
+        if isinstance(split, IterableDataset):
+            split = sample_stream(split, text_column)
         cache_root = run_cache_dir(model_args.cache_dir)
         tokenizer = distributed.share_tokenizer(training_args, lambda: train_or_load_cached_tokenizer(
             split, text_column, model_args.tokenizer_vocab_size, model_args.tokenizer_lowercase,

@@ -1,0 +1,213 @@
+"""Tokenize and pack a corpus once, write it to disk in shards, and train from it on any number of machines.
+
+    # the same args file (or flags) as the training run, plus where to write
+    python -m utils.prepare_dataset configs/quickstart.yaml --tokenized_dataset_path data/quickstart-128
+
+    # then train without touching the raw text or the tokenizer again
+    accelerate launch --config_file accelerate_configs/multi_node.yaml run_mlm.py configs/quickstart.yaml \\
+        --tokenized_dataset_path data/quickstart-128
+
+The directory holds one folder of Arrow shards per split (`datasets.load_from_disk`
+reads them memory-mapped), the tokenizer, and `manifest.json`: tokenizer fingerprint,
+block size, token counts and the data it came from. `run_mlm.py` refuses a directory
+whose tokenizer, block size or source differs from the run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.errors import UsageError
+
+logger = logging.getLogger("prepare_dataset")
+
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PrepareArguments:
+    """How to write the prepared dataset (where: --tokenized_dataset_path)."""
+
+    max_shard_size: str = field(default="500MB", metadata={"help": "Largest shard file (e.g. 500MB, 2GB)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing prepared dataset."})
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of everything that decides token ids: the fast tokenizer's full JSON, else the vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def data_source(data_args) -> dict:
+    """The arguments that decide which text a prepared dataset holds (compared on reuse)."""
+    names = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "builtin_corpus",
+             "text_column_name", "validation_split_percentage", "whole_word_mask")
+    return {name: getattr(data_args, name) for name in names}
+
+
+def write_prepared(path: str, datasets, tokenizer, block_size: int, data_args, stats: dict,
+                   max_shard_size: str = "500MB", overwrite: bool = False) -> dict:
+    """Save `datasets` (blocks), the tokenizer and a manifest to `path`, atomically. Returns the manifest."""
+    target = Path(path)
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--tokenized_dataset_path {path} is not empty; pass --overwrite to replace it "
+                             "or choose another directory")
+        if not (target / MANIFEST).exists():
+            raise UsageError(f"--tokenized_dataset_path {path} holds files that are not a prepared dataset; "
+                             "refusing to delete them, choose another directory")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.save_to_disk(str(tmp), max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    import datasets as hf_datasets
+    import transformers
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "block_size": block_size,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "columns": datasets[next(iter(datasets))].column_names,
+        "splits": {split: {"blocks": len(ds), "tokens": len(ds) * block_size,
+                           "tokens_lost": stats.get(split, {}).get("tokens_lost", 0)}
+                   for split, ds in datasets.items()},
+        "source": data_source(data_args),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"datasets": hf_datasets.__version__, "transformers": transformers.__version__},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return manifest
+
+
+def read_manifest(path: str) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.exists():
+        what = "does not exist" if not Path(path).exists() else f"has no {MANIFEST}"
+        raise UsageError(f"--tokenized_dataset_path {path} {what}; write it with "
+                         f"`python -m utils.prepare_dataset ARGS --tokenized_dataset_path {path}`")
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--tokenized_dataset_path {path}: {MANIFEST} is not valid JSON ({e}); prepare it again") from e
+
+
+def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
+    """Refuse a prepared dataset that does not fit the run: another tokenizer, block size or source."""
+    redo = f"prepare it again with this run's arguments, or use the tokenizer in {path}/{TOKENIZER_DIR}"
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UsageError(f"--tokenized_dataset_path {path} was written by another version of prepare_dataset "
+                         f"(format {manifest.get('format_version')}, this one reads {FORMAT_VERSION}); prepare "
+                         "it again")
+    if tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:
+        raise UsageError(f"--tokenized_dataset_path {path} was tokenized with another tokenizer (fingerprint "
+                         f"{manifest['tokenizer_fingerprint']}, this run's is {tokenizer_fingerprint(tokenizer)}); "
+                         + redo)
+    if data_args.max_seq_length is not None and data_args.max_seq_length != manifest["block_size"]:
+        raise UsageError(f"--max_seq_length {data_args.max_seq_length} differs from the block size "
+                         f"{manifest['block_size']} of --tokenized_dataset_path {path}; drop --max_seq_length "
+                         "or prepare the data again with it")
+    if data_args.whole_word_mask and "offset_mapping" not in manifest["columns"]:
+        raise UsageError(f"--whole_word_mask needs token offsets, which --tokenized_dataset_path {path} does not "
+                         "hold; prepare it again with --whole_word_mask")
+    given = {k: v for k, v in data_source(data_args).items()
+             if k in ("dataset_name", "dataset_config_name", "train_file", "validation_file", "builtin_corpus")
+             and v is not None}
+    prepared = {k: manifest["source"].get(k) for k in given}
+    if given != prepared:
+        changed = ", ".join(f"--{k} {given[k]} (prepared from {prepared[k]})" for k in given if given[k] != prepared[k])
+        raise UsageError(f"--tokenized_dataset_path {path} was prepared from other data: {changed}; "
+                         "drop the data flags to train on the prepared data, or prepare it again")
+
+
+def load_prepared(path: str, tokenizer, data_args):
+    """The prepared splits (memory-mapped) after checking the manifest against the run, and the manifest."""
+    from datasets import load_from_disk
+
+    manifest = read_manifest(path)
+    check_manifest(manifest, path, tokenizer, data_args)
+    datasets = load_from_disk(path)
+    logger.info("Prepared data %s: %s", path, ", ".join(
+        f"{split} {info['blocks']} blocks ({info['tokens']:,} tokens)" for split, info in manifest["splits"].items()))
+    return datasets, manifest
+
+
+def load_prepared_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    read_manifest(path)
+    return AutoTokenizer.from_pretrained(Path(path) / TOKENIZER_DIR)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Prepare the data a training run with the same arguments would tokenize, and write it to disk."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from run_mlm import DataTrainingArguments, ModelArguments
+    from utils import data, modeling
+    from utils import tokenizer as tokenizers
+    from utils.args import parse_args
+    from utils.corpus import build_corpus
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, PrepareArguments))
+    model_args, data_args, training_args, prepare_args = parse_args(parser, argv)
+    path = data_args.tokenized_dataset_path
+    if path is None:
+        raise UsageError("--tokenized_dataset_path: say where to write the prepared dataset")
+    if data_args.streaming:
+        raise UsageError("--streaming tokenizes during training; drop it to prepare the dataset ahead")
+    if data_args.line_by_line:
+        raise UsageError("--line_by_line examples are not prepared ahead; prepare packed blocks (drop it)")
+    if not (data_args.train_file or data_args.dataset_name or data_args.builtin_corpus or data_args.validation_file):
+        raise UsageError("no data given: pass --train_file, --dataset_name or --builtin_corpus")
+    if Path(path).exists() and any(Path(path).iterdir()) and not prepare_args.overwrite:
+        raise UsageError(f"--tokenized_dataset_path {path} is not empty; pass --overwrite to replace it "
+                         "or choose another directory")
+
+    started = time.time()
+    train_files = None
+    if data_args.builtin_corpus:
+        train_files = [str(build_corpus(data_args.builtin_corpus, model_args.cache_dir))]
+    raw = data.load_raw_datasets(data_args, model_args, train_files)
+    # The tokenizer the run would use, not the one of a dataset prepared earlier at the same path.
+    source_args = dataclasses.replace(data_args, tokenized_dataset_path=None)
+    tokenizer, source = tokenizers.load_or_train_tokenizer(model_args, source_args, raw, None, training_args)
+    config = modeling.load_config(model_args)
+    if model_args.from_scratch:
+        modeling.fit_config_to_tokenizer(config, tokenizer)
+    block_size = modeling.resolve_max_seq_length(
+        data_args.max_seq_length, tokenizer, config, model_args.from_scratch, model_args.config_overrides
+    )
+    stats: dict = {}
+    blocks = data.preprocess_datasets(raw, tokenizer, data_args, block_size, stats=stats)
+    manifest = write_prepared(path, blocks, tokenizer, block_size, data_args, stats,
+                              prepare_args.max_shard_size, prepare_args.overwrite)
+    seconds = time.time() - started
+    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    print(f"Prepared {path}: " + ", ".join(f"{split} {s['blocks']} blocks of {block_size} "
+                                           f"({s['tokens_lost']} tokens lost)"
+                                           for split, s in manifest["splits"].items())
+          + f"; {tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s); tokenizer: {source}",
+          flush=True)
+    return manifest
+
+
+if __name__ == "__main__":
+    from utils.errors import exit_on_usage_error
+
+    exit_on_usage_error(main)()

@@ -1,0 +1,124 @@
+"""Streaming: tokenize and pack text into blocks on the fly, for corpora too large to prepare ahead.
+
+Nothing here calls `len()`: a stream has no length. Training runs for `--max_steps`;
+evaluation uses a fixed number of held-out blocks, kept in memory. With several
+processes, each one tokenizes only its own share of the texts (every `world_size`-th
+text), so the ranks see different data and no rank tokenizes for the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from functools import partial
+
+import numpy as np
+from datasets import Dataset, Features, IterableDataset, List, Value
+
+from utils.data import _non_blank, encode_to_arrays, token_dtype
+from utils.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+# Held-out blocks when the stream has no validation split and --max_eval_samples is not given.
+DEFAULT_EVAL_BLOCKS = 512
+TEXTS_PER_BATCH = 1000
+
+
+def iter_texts(dataset: Iterable[dict], text_column: str) -> Iterator[str]:
+    """The non-blank texts of a stream of rows."""
+    for row in dataset:
+        text = row.get(text_column)
+        if text and not text.isspace():
+            yield text
+
+
+def _batches(iterable: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(iterable)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def iter_blocks(texts: Iterable[str], tokenizer, block_size: int, dtype: str | None = None,
+                stats: dict | None = None) -> Iterator[np.ndarray]:
+    """Tokenize `texts` in batches and yield blocks of `block_size` ids, carrying the remainder across batches.
+
+    `stats`, if given, is updated with the texts consumed and the tokens left in the
+    final partial block (the only ones lost).
+    """
+    dtype = dtype or token_dtype(len(tokenizer))
+    carry = np.empty(0, dtype=dtype)
+    for batch in _batches(texts, TEXTS_PER_BATCH):
+        ids, _ = encode_to_arrays(_non_blank(batch), tokenizer, dtype)
+        flat = np.concatenate([carry, ids]) if len(carry) else ids
+        n_blocks = len(flat) // block_size
+        yield from flat[: n_blocks * block_size].reshape(n_blocks, block_size)
+        carry = flat[n_blocks * block_size:].copy()
+        if stats is not None:
+            stats["texts"] = stats.get("texts", 0) + len(batch)
+            stats["tokens_left"] = len(carry)
+
+
+def take_blocks(texts: Iterable[str], tokenizer, block_size: int, n_blocks: int) -> tuple[np.ndarray, int]:
+    """The first `n_blocks` blocks of `texts`, and how many texts they used (whole texts, by line)."""
+    dtype = token_dtype(len(tokenizer))
+    blocks, carry, used = [], np.empty(0, dtype=dtype), 0
+    for text in texts:
+        ids, _ = encode_to_arrays([text], tokenizer, dtype)
+        used += 1
+        carry = np.concatenate([carry, ids])
+        while len(carry) >= block_size and len(blocks) < n_blocks:
+            blocks.append(carry[:block_size])
+            carry = carry[block_size:]
+        if len(blocks) == n_blocks:
+            break
+    return (np.stack(blocks) if blocks else np.empty((0, block_size), dtype=dtype)), used
+
+
+def _part_generator(parts: list[int], *, raw, text_column: str, tokenizer, block_size: int, n_parts: int,
+                    skip_texts: int, max_blocks: int | None):
+    """Rows of blocks for the given parts: part p takes texts skip_texts + p, + p + n_parts, ..."""
+    dtype = token_dtype(len(tokenizer))
+    for part in parts:
+        texts = itertools.islice(iter_texts(raw, text_column), skip_texts + part, None, n_parts)
+        for block in itertools.islice(iter_blocks(texts, tokenizer, block_size, dtype), max_blocks):
+            yield {"input_ids": block.tolist()}
+
+
+def streaming_datasets(raw: dict, tokenizer, data_args, max_seq_length: int, n_parts: int,
+                       text_column: str, do_eval: bool) -> tuple[IterableDataset | None, Dataset | None]:
+    """The training stream of blocks (split into `n_parts` shards, one per process) and the held-out blocks.
+
+    Evaluation blocks come from the start of the validation stream if there is one, else
+    from the start of the training stream, whose training part then begins after the texts
+    they used: no text is both trained and evaluated on.
+    """
+    n_eval = data_args.max_eval_samples or DEFAULT_EVAL_BLOCKS
+    eval_dataset, skip = None, 0
+    dtype = token_dtype(len(tokenizer))
+    if do_eval:
+        source = raw["validation"] if "validation" in raw else raw["train"]
+        blocks, used = take_blocks(iter_texts(source, text_column), tokenizer, max_seq_length, n_eval)
+        if len(blocks) == 0:
+            raise UsageError(f"the evaluation stream has fewer tokens than one block of {max_seq_length} "
+                             "(--max_seq_length); give more text or a smaller --max_seq_length")
+        if len(blocks) < n_eval:
+            logger.warning("The evaluation stream gave %d blocks, not %d", len(blocks), n_eval)
+        if "validation" not in raw:
+            skip = used
+            logger.info("Streaming: held out the first %d texts of the training stream for %d evaluation blocks",
+                        used, len(blocks))
+        eval_dataset = Dataset.from_dict({"input_ids": blocks}, features=Features({"input_ids": List(Value(dtype))}))
+    train_dataset = None
+    if "train" in raw:
+        generator = partial(_part_generator, raw=raw["train"], text_column=text_column, tokenizer=tokenizer,
+                            block_size=max_seq_length, n_parts=n_parts, skip_texts=skip,
+                            # --max_train_samples, shared between the parts
+                            max_blocks=None if data_args.max_train_samples is None
+                            else -(-data_args.max_train_samples // n_parts))
+        train_dataset = IterableDataset.from_generator(
+            generator, gen_kwargs={"parts": list(range(n_parts))},
+            features=Features({"input_ids": List(Value(dtype))}),
+        )
+    return train_dataset, eval_dataset
