@@ -103,7 +103,8 @@ def read_manifest(path: str) -> dict:
     try:
         return json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
-        raise UsageError(f"--tokenized_dataset_path {path}: {MANIFEST} is not valid JSON ({e}); prepare it again") from e
+        raise UsageError(f"--tokenized_dataset_path {path}: {MANIFEST} is not valid JSON ({e}); "
+                         "prepare it again") from e
 
 
 def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
