@@ -30,7 +30,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from utils import data, distributed, metrics, modeling, prepare_dataset, streaming, xla
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, move_hub_token_to_env, parse_args
-from utils.checkpoints import find_resume_checkpoint
+from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, lock_output_dir, unlock_output_dir
 from utils.corpus import BUILTIN_CORPORA, build_corpus
 from utils.cpu import speed_up_for_cpu
 from utils.data import check_extension
@@ -43,7 +43,7 @@ from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
 from utils.precision import apply_precision
-from utils.training import build_trainer, checkpoint_step
+from utils.training import GracefulStop, Interrupted, NonFiniteGuard, build_trainer, checkpoint_step, save_final_model
 
 logger = logging.getLogger("run_mlm")
 
@@ -119,6 +119,11 @@ class ModelArguments:
                           "accelerate config chose; else fp32.",
                   "choices": ["auto", "bf16", "fp16", "fp32"]},
     )
+    nonfinite_loss: str = field(
+        default="stop",
+        metadata={"help": "When a step's loss or gradients are nan/inf: stop (with the step number; the last good "
+                          "checkpoint is kept) or skip the batch and go on.", "choices": ["stop", "skip"]},
+    )
     dtype: str | None = field(
         default=None,
         metadata={"help": "Load the weights in this dtype (mixed precision is --bf16/--fp16 instead).",
@@ -170,6 +175,12 @@ class DataTrainingArguments:
         metadata={"help": "Train on a corpus built at run time from files on this machine, no download: "
                           "'python_docstrings' is the English prose in Python's standard library (~1.5 MB).",
                   "choices": list(BUILTIN_CORPORA)},
+    )
+    encoding_errors: str = field(
+        default="strict",
+        metadata={"help": "What to do with bytes that are not UTF-8 in text, csv and json files: strict (stop with "
+                          "the file and line), replace (with U+FFFD) or ignore (drop them).",
+                  "choices": ["strict", "replace", "ignore"]},
     )
     text_column_name: str | None = field(
         default=None, metadata={"help": "Column holding the text (default: 'text', else the only string column)."}
@@ -352,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = modeling.load_config(model_args)
     if model_args.from_scratch:
         modeling.fit_config_to_tokenizer(config, tokenizer)
+    check_checkpoint_fits(checkpoint, config, training_args.output_dir)
     max_seq_length = modeling.resolve_max_seq_length(
         manifest["block_size"] if manifest else data_args.max_seq_length,
         tokenizer, config, model_args.from_scratch, model_args.config_overrides
@@ -400,6 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info("XLA: evaluating on %d of %d blocks (whole batches only)", len(full), len(eval_dataset))
             eval_dataset = full
 
+    # All input is checked: from here on this run writes to output_dir, and no other run may.
+    if training_args.should_save:
+        lock_output_dir(training_args.output_dir)
+
     # 9. The model, with an MLM head that predicts masked positions only (not on XLA, where the
     #    changing number of masked tokens would recompile the graph every step).
     model = modeling.build_model(
@@ -412,17 +428,22 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info("CPU: %s", change)
 
     # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
+    #     A guard against nan/inf steps, and SIGTERM/SIGINT turned into "save, then stop".
     compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.world_size
                        * training_args.gradient_accumulation_steps * max_seq_length)
+    stop_on_signal = GracefulStop()
+    callbacks = [stop_on_signal, *([compilations] if compilations else [NonFiniteGuard(model_args.nonfinite_loss)])]
     trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
-                            callbacks=[compilations] if compilations else None, tokens_per_step=tokens_per_step)
+                            callbacks=callbacks, tokens_per_step=tokens_per_step)
 
     # 11. Train, then save the model, tokenizer and training state.
     results = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
+        if stop_on_signal.signal:
+            raise Interrupted(stop_on_signal.signal, trainer.state.global_step, training_args.output_dir)
+        save_final_model(trainer)
         # A stream has no length: count the blocks trained on instead.
         train_samples = (trainer.state.global_step * tokens_per_step // max_seq_length if data_args.streaming
                          else len(train_dataset))
@@ -463,6 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     data_args.fill_mask_top_k)
         print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
               flush=True)
+    if training_args.should_save:
+        unlock_output_dir(training_args.output_dir)
     return results
 
 

@@ -1,19 +1,55 @@
-"""Finding the checkpoint a run resumes from."""
+"""Finding the checkpoint a run resumes from, and refusing one that belongs to another model."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-
-from transformers.trainer_utils import get_last_checkpoint
+import re
 
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# The config fields that make two models different models (not just another run of one).
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "intermediate_size", "max_position_embeddings", "dim", "n_layers", "n_heads", "embedding_size")
+
+
+def is_complete(checkpoint: str) -> bool:
+    """Whether a checkpoint directory was fully written.
+
+    The Trainer writes trainer_state.json last: a run killed while saving leaves a
+    directory without it (or with half of it), which must not be resumed from.
+    """
+    state = os.path.join(checkpoint, "trainer_state.json")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not os.path.isfile(state) or not any(os.path.exists(os.path.join(checkpoint, w)) for w in weights):
+        return False
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest fully written checkpoint-N in `output_dir`; incomplete ones are logged and skipped."""
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                    if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
+                   reverse=True)
+    for _, name in steps:
+        path = os.path.join(output_dir, name)
+        if is_complete(path):
+            return path
+        logger.warning("Skipping %s: incomplete (the run was stopped while saving it)", path)
+    return None
+
 
 def find_resume_checkpoint(training_args) -> str | None:
-    """The checkpoint to resume from: --resume_from_checkpoint, else the newest one in output_dir.
+    """The checkpoint to resume from: --resume_from_checkpoint, else the newest complete one in output_dir.
 
     Rerunning the same command after an interruption therefore continues where it stopped.
     """
@@ -21,12 +57,76 @@ def find_resume_checkpoint(training_args) -> str | None:
     if path and path.lower() != "true":
         if not os.path.isdir(path):
             raise UsageError(f"--resume_from_checkpoint {path} is not a directory")
+        if not is_complete(path):
+            raise UsageError(f"--resume_from_checkpoint {path} is incomplete (no readable trainer_state.json or "
+                             "weights: it was being saved when the run stopped); pick an earlier checkpoint")
         return path
     last = None
     if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last = get_last_checkpoint(training_args.output_dir)
+        last = last_complete_checkpoint(training_args.output_dir)
     if last is None and path:  # "true": resume from the newest checkpoint in output_dir
         raise UsageError(f"--resume_from_checkpoint true: --output_dir {training_args.output_dir} holds no checkpoint")
     if last is not None:
         logger.info("Resuming from %s (found in --output_dir; use another --output_dir to start over)", last)
     return last
+
+
+def check_checkpoint_fits(checkpoint: str | None, config, output_dir: str) -> None:
+    """Refuse to resume a checkpoint of another model (an output_dir reused for a different run)."""
+    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        return
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        saved = json.load(f)
+    differences = [f"{key} {saved[key]} there, {getattr(config, key)} here" for key in _SHAPE_KEYS
+                   if key in saved and getattr(config, key, None) is not None and saved[key] != getattr(config, key)]
+    if differences:
+        raise UsageError(f"--output_dir {output_dir} holds checkpoints of another model ({os.path.basename(checkpoint)}"
+                         f": {'; '.join(differences)}); use a new --output_dir, or delete its checkpoints to start "
+                         "over")
+
+
+LOCK_FILE = ".run_mlm.lock"
+_held_locks = []  # open lock files, kept for the life of the process
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Take an exclusive lock on `output_dir`, or stop if another run holds it.
+
+    Two runs writing the same checkpoints would corrupt each other. The lock is an OS file
+    lock (flock): released when the process ends, however it ends, so a killed run never
+    leaves a stale lock behind. On network filesystems without flock support it is a no-op.
+    """
+    import fcntl
+    import socket
+    import time
+
+    os.makedirs(output_dir, exist_ok=True)
+    handle = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"--output_dir {output_dir} is in use by another run ({owner}); wait for it to finish, "
+                         "or give this run another --output_dir") from None
+    except OSError:  # no flock on this filesystem
+        logger.warning("Cannot lock --output_dir %s (no file locks on this filesystem); make sure no other run "
+                       "writes to it", output_dir)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def unlock_output_dir(output_dir: str) -> None:
+    """Release the lock at the end of a finished run and remove the lock file."""
+    for handle in list(_held_locks):
+        if os.path.dirname(handle.name) == output_dir.rstrip("/"):
+            try:
+                os.unlink(handle.name)
+            except OSError:
+                pass
+            handle.close()
+            _held_locks.remove(handle)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, LargeList, Value, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
 from utils.errors import UsageError, one_line
@@ -95,13 +96,55 @@ def load_raw_datasets(data_args, model_args, train_files: list[str] | None = Non
         ):
             if patterns:
                 builder, files = resolve_data_files(patterns, flag)
-                raw[split] = load_dataset(builder, data_files=files, split="train", streaming=data_args.streaming,
-                                          **common)
+                options = {}
+                if builder in ("text", "csv", "json") and getattr(data_args, "encoding_errors", "strict") != "strict":
+                    options["encoding_errors"] = data_args.encoding_errors
+                try:
+                    raw[split] = load_dataset(builder, data_files=files, split="train",
+                                              streaming=data_args.streaming, **options, **common)
+                except DatasetGenerationError as e:
+                    raise UsageError(describe_load_error(e, files, flag)) from e
     # A stream has no length to take a percentage of: streaming holds out blocks instead (utils.streaming).
     if "validation" not in raw and "train" in raw and data_args.validation_split_percentage > 0 \
             and not data_args.streaming:
         raw["validation"], raw["train"] = split_off_validation(raw["train"], data_args.validation_split_percentage)
     return raw
+
+
+def describe_load_error(error: Exception, files: list[str], flag: str) -> str:
+    """One line for a file `datasets` could not read: where undecodable bytes are, or the parser's complaint."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        for path in files:
+            where = find_undecodable(path)
+            if where:
+                line, offset, context = where
+                return (f"--{flag} {path}: bytes that are not UTF-8 at line {line} (byte {offset}: {context}); "
+                        "convert the file to UTF-8, or pass --encoding_errors replace (bad bytes become U+FFFD) "
+                        "or --encoding_errors ignore (they are dropped)")
+        return f"--{flag}: bytes that are not UTF-8 ({one_line(cause)}); pass --encoding_errors replace or ignore"
+    return f"--{flag} {' '.join(files)}: cannot be read: {one_line(cause or error)}"
+
+
+def find_undecodable(path: str) -> tuple[int, int, str] | None:
+    """(line number, byte offset, the bytes around it) of the first invalid UTF-8 in `path`, or None."""
+    import codecs
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with opener(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                bad = offset + e.start - len(decoder.getstate()[0])
+                line += chunk[: e.start].count(b"\n")
+                return line, bad, repr(chunk[max(0, e.start - 20): e.start + 4])
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+    return None
 
 
 def _offline() -> bool:
@@ -360,6 +403,9 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
                     desc=f"Tokenizing {split}",
                     **map_kwargs,
                 ).with_format(None)
+            if len(tokenized) == 0:
+                raise UsageError(f"the {split} text is blank: every row of {_describe_source(data_args, split)} is "
+                                 "empty or whitespace; give a file with text")
             processed[split], lost = pack_dataset(tokenized, max_seq_length, overwrite=data_args.overwrite_cache,
                                                   desc=f"Grouping {split} into blocks of {max_seq_length}")
             n_blocks = len(processed[split])
@@ -374,6 +420,13 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
                 f"(--max_seq_length); give more text or a smaller --max_seq_length"
             )
     return processed
+
+
+def _describe_source(data_args, split: str) -> str:
+    files = data_args.validation_file if split == "validation" and data_args.validation_file else data_args.train_file
+    if files:
+        return f"--{'validation_file' if files is data_args.validation_file else 'train_file'} {' '.join(files)}"
+    return "the dataset"
 
 
 def truncate(dataset: Dataset, max_samples: int | None) -> Dataset:

@@ -29,7 +29,7 @@ def exit_on_usage_error(fn):
         except UsageError as e:
             if os.environ.get("RUN_MLM_DEBUG"):
                 raise
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            print(f"{getattr(e, 'prefix', 'error')}: {e}", file=sys.stderr)
+            sys.exit(getattr(e, "exit_code", 2))
 
     return wrapper

@@ -7,8 +7,10 @@ import logging
 import os
 import time
 
+import torch
 from transformers import Trainer, TrainerCallback
 
+from utils.errors import UsageError
 from utils.metrics import MaskedAccuracy
 from utils.mlm_head import predictions_at_labels
 
@@ -68,6 +70,95 @@ class ThroughputCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
 
+class NonFiniteGradients(UsageError):
+    """Training stopped because a step's gradients were nan or inf."""
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Checks the gradients before every optimizer step; on nan/inf, stops the run or skips the step.
+
+    The check runs after DDP's all-reduce, so every process sees the same verdict and
+    they stop (or skip) together. Stopping raises before the bad step is applied, so no
+    checkpoint holds its weights. Skipping drops the step's gradients: the optimizer
+    leaves every parameter and its moments as they were. One device sync per step, which
+    the Trainer's own loss logging already costs; off on XLA, where it would cut the graph.
+    """
+
+    def __init__(self, mode: str = "stop"):
+        self.mode = mode
+        self.skipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+            return
+        step = state.global_step + 1
+        if self.mode == "skip":
+            self.skipped += 1
+            logger.warning("Step %d: non-finite gradients (nan/inf); skipping this batch (%d skipped so far)",
+                           step, self.skipped)
+            for p in model.parameters():
+                p.grad = None
+            return
+        last = _last_checkpoint_name(args.output_dir)
+        raise NonFiniteGradients(
+            f"the loss or its gradients became nan/inf at step {step}; stopped before applying it "
+            f"({'the last good checkpoint is ' + last if last else 'no checkpoint was saved yet'}). Lower "
+            "--learning_rate, keep --max_grad_norm on, use bf16 rather than fp16, or pass --nonfinite_loss skip "
+            "to skip such batches"
+        )
+
+
+def _last_checkpoint_name(output_dir: str) -> str | None:
+    from utils.checkpoints import last_complete_checkpoint
+
+    return last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGTERM (a preempted spot instance, a scheduler's time limit) or SIGINT (Ctrl-C): save and stop.
+
+    The signal only sets a flag; at the end of the current step the Trainer saves a
+    checkpoint and leaves its loop, and the run exits without writing a final model, so
+    that running the same command again resumes. A second signal stops at once. The
+    launcher sends the signal to every process, so all of them stop at the same step.
+    """
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.signal = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint at the end of this step, then stopping (send it again to "
+                       "stop at once)", self.signal)
+        for other, previous in self._previous.items():
+            signal.signal(other, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import signal
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
                   callbacks=None, tokens_per_step: int | None = None) -> Trainer:
     """A Trainer for a model whose forward computes the MLM loss (see `utils.mlm_head.install_mlm_head`)."""
@@ -107,3 +198,38 @@ def checkpoint_step(checkpoint: str | None) -> int:
         return 0
     with open(state, encoding="utf-8") as f:
         return int(json.load(f).get("global_step", 0))
+
+
+class Interrupted(UsageError):
+    """The run was stopped by a signal after saving a checkpoint; the same command resumes it."""
+
+    prefix = "stopped"
+
+    def __init__(self, signal_name: str, step: int, output_dir: str):
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130  # the shell's 128 + signal number
+        super().__init__(f"{signal_name} at step {step}: saved {output_dir}/checkpoint-{step}; run the same command "
+                         "to resume from it")
+
+
+def save_final_model(trainer) -> None:
+    """Save the trained model and tokenizer into output_dir so that no reader ever sees half a file.
+
+    Everything is written to a temporary directory first (every process takes part, as
+    sharded models are gathered), then each file is moved into place with an atomic rename,
+    the weights last.
+    """
+    import shutil
+
+    output_dir = trainer.args.output_dir
+    tmp = os.path.join(output_dir, ".saving-final-model")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(tmp)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith("model") or n.startswith("pytorch_model"), n))
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    trainer.accelerator.wait_for_everyone()
