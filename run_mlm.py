@@ -100,6 +100,11 @@ class ModelArguments:
         metadata={"help": "Allow models, tokenizers and datasets to run code from their hub repository. "
                           "Only for repositories you trust."},
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Load pretrained weights from pickle files (pytorch_model.bin), which can run code; by "
+                          "default only safetensors are loaded. Only for checkpoints you trust."},
+    )
     sparse_prediction: bool = field(
         default=True,
         metadata={"help": "Run the MLM head on the masked positions only: the same loss for a fraction of the "
@@ -412,10 +417,6 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info("XLA: evaluating on %d of %d blocks (whole batches only)", len(full), len(eval_dataset))
             eval_dataset = full
 
-    # All input is checked: from here on this run writes to output_dir, and no other run may.
-    if training_args.should_save:
-        lock_output_dir(training_args.output_dir)
-
     # 9. The model, with an MLM head that predicts masked positions only (not on XLA, where the
     #    changing number of masked tokens would recompile the graph every step).
     model = modeling.build_model(
@@ -426,6 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.device.type == "cpu":
         for change in speed_up_for_cpu(model):
             logger.info("CPU: %s", change)
+
+    # All input is checked: from here on this run writes to output_dir, and no other run may.
+    if training_args.should_save:
+        lock_output_dir(training_args.output_dir)
 
     # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
     #     A guard against nan/inf steps, and SIGTERM/SIGINT turned into "save, then stop".

@@ -104,6 +104,8 @@ def load_raw_datasets(data_args, model_args, train_files: list[str] | None = Non
                                               streaming=data_args.streaming, **options, **common)
                 except DatasetGenerationError as e:
                     raise UsageError(describe_load_error(e, files, flag)) from e
+                if not data_args.streaming:  # the text column exists (before any split hides the problem)
+                    text_column_of(raw[split], data_args.text_column_name)
     # A stream has no length to take a percentage of: streaming holds out blocks instead (utils.streaming).
     if "validation" not in raw and "train" in raw and data_args.validation_split_percentage > 0 \
             and not data_args.streaming:

@@ -133,11 +133,17 @@ def build_model(model_args, config, tokenizer, attn_implementation: str | None =
                 config=config,
                 dtype=model_args.dtype if model_args.dtype == "auto" else dtype,
                 **attention,
+                # Pickled weights (pytorch_model.bin) can run code when loaded: safetensors only, unless asked.
+                use_safetensors=None if getattr(model_args, "allow_pickle_weights", False) else True,
                 **_hub_kwargs(model_args),
             )
         except (OSError, ValueError) as e:
+            hint = ""
+            if "safetensors" in str(e).lower() and not getattr(model_args, "allow_pickle_weights", False):
+                hint = ("; it has no safetensors weights: pass --allow_pickle_weights to load pickled weights "
+                        "(pytorch_model.bin) if you trust their source")
             raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model "
-                             f"({one_line(e)})") from e
+                             f"({one_line(e)}){hint}") from e
     else:
         logger.info("Training a new %s model from scratch", config.model_type)
         try:
