@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 BLOCK = 128
-SIZES = {"base": 0, "200MB": 200 * 10**6, "1GB": 10**9}
+SIZES = {"base": 0, "50MB": 50 * 10**6, "200MB": 200 * 10**6, "1GB": 10**9}
 
 
 def rss_mb() -> tuple[float, float]:
