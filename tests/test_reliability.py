@@ -135,6 +135,7 @@ def test_bad_input_fails_in_one_line_before_writing(case, tmp_path, corpus, pret
         main(build_args(out, corpus, extra))
     assert "\n" not in str(error.value)
     assert listing(out) == before  # nothing new in the output directory
+    print(f"\n| {case} | {error.value} |")  # the README's table, with -s
 
 
 def test_bad_input_on_the_command_line_exits_2_without_traceback(tmp_path, corpus):
