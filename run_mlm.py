@@ -31,7 +31,7 @@ from utils import data, distributed, metrics, modeling, prepare_dataset, streami
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, move_hub_token_to_env, parse_args
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, lock_output_dir, unlock_output_dir
-from utils.corpus import BUILTIN_CORPORA, build_corpus
+from utils.corpus import BUILTIN_CORPORA
 from utils.cpu import speed_up_for_cpu
 from utils.data import check_extension
 from utils.errors import UsageError, exit_on_usage_error
@@ -349,11 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     #    when training on data prepared ahead by utils/prepare_dataset.py).
     raw_datasets = None
     if not data_args.tokenized_dataset_path:
-        train_files = None
-        if data_args.builtin_corpus:
-            with distributed.main_process_first(training_args, "building the corpus"):
-                train_files = [str(build_corpus(data_args.builtin_corpus, model_args.cache_dir))]
-        raw_datasets = data.load_raw_datasets(data_args, model_args, train_files)
+        raw_datasets = data.load_text(data_args, model_args, training_args)
 
     # 6. Tokenizer: the given one, the pretrained model's, the prepared data's, the checkpoint's,
     #    or one trained on the text.
@@ -365,14 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
         prepared, manifest = prepare_dataset.load_prepared(data_args.tokenized_dataset_path, tokenizer, data_args)
 
     # 7. Model configuration, and the block length it and the tokenizer can take.
-    config = modeling.load_config(model_args)
-    if model_args.from_scratch:
-        modeling.fit_config_to_tokenizer(config, tokenizer)
-    check_checkpoint_fits(checkpoint, config, training_args.output_dir)
-    max_seq_length = modeling.resolve_max_seq_length(
-        manifest["block_size"] if manifest else data_args.max_seq_length,
-        tokenizer, config, model_args.from_scratch, model_args.config_overrides
+    config, max_seq_length = modeling.config_and_block_length(
+        model_args, tokenizer, manifest["block_size"] if manifest else data_args.max_seq_length
     )
+    check_checkpoint_fits(checkpoint, config, training_args.output_dir)
     if data_args.whole_word_mask and not tokenizer.is_fast:
         raise UsageError("--whole_word_mask needs a fast tokenizer (offsets); drop --use_fast_tokenizer false")
 
@@ -384,8 +376,6 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.streaming:
         train_dataset, eval_dataset = streaming.streaming_datasets(
             raw_datasets, tokenizer, data_args, max_seq_length, n_parts=training_args.world_size,
-            text_column=data.text_column_of(raw_datasets["train" if "train" in raw_datasets else "validation"],
-                                            data_args.text_column_name),
             do_eval=training_args.do_eval,
         )
         # Each process reads its own shard of the stream (the default would have rank 0 read for all).

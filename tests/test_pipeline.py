@@ -127,7 +127,7 @@ def test_streaming_holds_out_evaluation_blocks_and_shards_training(tmp_path, tok
     args = data_args(train_file=[str(path)], streaming=True, max_eval_samples=10)
     raw = load_raw_datasets(args, MODEL_ARGS)
     assert "validation" not in raw  # no len() to cut a percentage from
-    train, evaluation = streaming_datasets(raw, tokenizer, args, 24, n_parts=2, text_column="text", do_eval=True)
+    train, evaluation = streaming_datasets(raw, tokenizer, args, 24, n_parts=2, do_eval=True)
     assert len(evaluation) == 10
     held_out, used = take_blocks(iter(TEXTS), tokenizer, 24, 10)
     assert np.array_equal(np.array(evaluation["input_ids"]), held_out)
@@ -149,7 +149,7 @@ def test_accelerate_gives_each_process_its_own_part_of_the_stream(tmp_path, toke
     path.write_text("\n".join(TEXTS) + "\n")
     args = data_args(train_file=[str(path)], streaming=True)
     raw = load_raw_datasets(args, MODEL_ARGS)
-    train, _ = streaming_datasets(raw, tokenizer, args, 24, n_parts=2, text_column="text", do_eval=False)
+    train, _ = streaming_datasets(raw, tokenizer, args, 24, n_parts=2, do_eval=False)
     first_batches = []
     for rank in range(2):
         loader = prepare_data_loader(DataLoader(train, batch_size=4, collate_fn=lambda rows: rows),

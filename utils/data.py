@@ -149,6 +149,18 @@ def find_undecodable(path: str) -> tuple[int, int, str] | None:
     return None
 
 
+def load_text(data_args, model_args, training_args) -> DatasetDict:
+    """The raw text splits, building the builtin corpus first when one is asked for (main process first)."""
+    from utils import distributed
+    from utils.corpus import build_corpus
+
+    train_files = None
+    if data_args.builtin_corpus:
+        with distributed.main_process_first(training_args, "building the corpus"):
+            train_files = [str(build_corpus(data_args.builtin_corpus, model_args.cache_dir))]
+    return load_raw_datasets(data_args, model_args, train_files)
+
+
 def _offline() -> bool:
     from datasets import config
 

@@ -74,6 +74,15 @@ def position_limit(config) -> int | None:
     return max_positions
 
 
+def config_and_block_length(model_args, tokenizer, requested: int | None):
+    """The model configuration (fitted to the tokenizer when new) and the block length it can take."""
+    config = load_config(model_args)
+    if model_args.from_scratch:
+        fit_config_to_tokenizer(config, tokenizer)
+    return config, resolve_max_seq_length(requested, tokenizer, config, model_args.from_scratch,
+                                          model_args.config_overrides)
+
+
 def resolve_max_seq_length(requested: int | None, tokenizer, config, from_scratch: bool, overrides: str | None) -> int:
     """The block length: `requested` when the tokenizer and the model can take it, else a clear error.
 

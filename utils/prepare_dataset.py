@@ -60,13 +60,7 @@ def write_prepared(path: str, datasets, tokenizer, block_size: int, data_args, s
                    max_shard_size: str = "500MB", overwrite: bool = False) -> dict:
     """Save `datasets` (blocks), the tokenizer and a manifest to `path`, atomically. Returns the manifest."""
     target = Path(path)
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise UsageError(f"--tokenized_dataset_path {path} is not empty; pass --overwrite to replace it "
-                             "or choose another directory")
-        if not (target / MANIFEST).exists():
-            raise UsageError(f"--tokenized_dataset_path {path} holds files that are not a prepared dataset; "
-                             "refusing to delete them, choose another directory")
+    check_target(path, overwrite)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     datasets.save_to_disk(str(tmp), max_shard_size=max_shard_size)
@@ -92,6 +86,18 @@ def write_prepared(path: str, datasets, tokenizer, block_size: int, data_args, s
         shutil.rmtree(target)
     os.replace(tmp, target)
     return manifest
+
+
+def check_target(path: str, overwrite: bool) -> None:
+    """Refuse to write over a non-empty directory, unless asked to and it is a prepared dataset."""
+    target = Path(path)
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--tokenized_dataset_path {path} is not empty; pass --overwrite to replace it "
+                             "or choose another directory")
+        if not (target / MANIFEST).exists():
+            raise UsageError(f"--tokenized_dataset_path {path} holds files that are not a prepared dataset; "
+                             "refusing to delete them, choose another directory")
 
 
 def read_manifest(path: str) -> dict:
@@ -162,7 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
     from utils import data, modeling
     from utils import tokenizer as tokenizers
     from utils.args import parse_args
-    from utils.corpus import build_corpus
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, PrepareArguments))
@@ -176,24 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--line_by_line examples are not prepared ahead; prepare packed blocks (drop it)")
     if not (data_args.train_file or data_args.dataset_name or data_args.builtin_corpus or data_args.validation_file):
         raise UsageError("no data given: pass --train_file, --dataset_name or --builtin_corpus")
-    if Path(path).exists() and any(Path(path).iterdir()) and not prepare_args.overwrite:
-        raise UsageError(f"--tokenized_dataset_path {path} is not empty; pass --overwrite to replace it "
-                         "or choose another directory")
+    check_target(path, prepare_args.overwrite)  # before the work, not only when writing
 
     started = time.time()
-    train_files = None
-    if data_args.builtin_corpus:
-        train_files = [str(build_corpus(data_args.builtin_corpus, model_args.cache_dir))]
-    raw = data.load_raw_datasets(data_args, model_args, train_files)
+    raw = data.load_text(data_args, model_args, training_args)
     # The tokenizer the run would use, not the one of a dataset prepared earlier at the same path.
     source_args = dataclasses.replace(data_args, tokenized_dataset_path=None)
     tokenizer, source = tokenizers.load_or_train_tokenizer(model_args, source_args, raw, None, training_args)
-    config = modeling.load_config(model_args)
-    if model_args.from_scratch:
-        modeling.fit_config_to_tokenizer(config, tokenizer)
-    block_size = modeling.resolve_max_seq_length(
-        data_args.max_seq_length, tokenizer, config, model_args.from_scratch, model_args.config_overrides
-    )
+    _, block_size = modeling.config_and_block_length(model_args, tokenizer, data_args.max_seq_length)
     stats: dict = {}
     blocks = data.preprocess_datasets(raw, tokenizer, data_args, block_size, stats=stats)
     manifest = write_prepared(path, blocks, tokenizer, block_size, data_args, stats,

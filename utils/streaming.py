@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 from datasets import Dataset, Features, IterableDataset, List, Value
 
-from utils.data import _non_blank, encode_to_arrays, token_dtype
+from utils.data import _non_blank, encode_to_arrays, text_column_of, token_dtype
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -41,39 +41,33 @@ def _batches(iterable: Iterable, size: int) -> Iterator[list]:
 
 
 def iter_blocks(texts: Iterable[str], tokenizer, block_size: int, dtype: str | None = None,
-                stats: dict | None = None) -> Iterator[np.ndarray]:
+                stats: dict | None = None, texts_per_batch: int = TEXTS_PER_BATCH) -> Iterator[np.ndarray]:
     """Tokenize `texts` in batches and yield blocks of `block_size` ids, carrying the remainder across batches.
 
-    `stats`, if given, is updated with the texts consumed and the tokens left in the
-    final partial block (the only ones lost).
+    `stats`, if given, holds the texts consumed so far (up to the batch of the block just
+    yielded) and the tokens left in the partial block (at the end, the only ones lost).
     """
     dtype = dtype or token_dtype(len(tokenizer))
     carry = np.empty(0, dtype=dtype)
-    for batch in _batches(texts, TEXTS_PER_BATCH):
+    for batch in _batches(texts, texts_per_batch):
         ids, _ = encode_to_arrays(_non_blank(batch), tokenizer, dtype)
         flat = np.concatenate([carry, ids]) if len(carry) else ids
         n_blocks = len(flat) // block_size
-        yield from flat[: n_blocks * block_size].reshape(n_blocks, block_size)
         carry = flat[n_blocks * block_size:].copy()
         if stats is not None:
             stats["texts"] = stats.get("texts", 0) + len(batch)
             stats["tokens_left"] = len(carry)
+        yield from flat[: n_blocks * block_size].reshape(n_blocks, block_size)
 
 
 def take_blocks(texts: Iterable[str], tokenizer, block_size: int, n_blocks: int) -> tuple[np.ndarray, int]:
     """The first `n_blocks` blocks of `texts`, and how many texts they used (whole texts, by line)."""
     dtype = token_dtype(len(tokenizer))
-    blocks, carry, used = [], np.empty(0, dtype=dtype), 0
-    for text in texts:
-        ids, _ = encode_to_arrays([text], tokenizer, dtype)
-        used += 1
-        carry = np.concatenate([carry, ids])
-        while len(carry) >= block_size and len(blocks) < n_blocks:
-            blocks.append(carry[:block_size])
-            carry = carry[block_size:]
-        if len(blocks) == n_blocks:
-            break
-    return (np.stack(blocks) if blocks else np.empty((0, block_size), dtype=dtype)), used
+    stats: dict = {}
+    # One text per batch, so that no text beyond the last block's is consumed.
+    blocks = list(itertools.islice(iter_blocks(texts, tokenizer, block_size, dtype, stats, texts_per_batch=1),
+                                   n_blocks))
+    return (np.stack(blocks) if blocks else np.empty((0, block_size), dtype=dtype)), stats.get("texts", 0)
 
 
 def _part_generator(parts: list[int], *, raw, text_column: str, tokenizer, block_size: int, n_parts: int,
@@ -87,13 +81,14 @@ def _part_generator(parts: list[int], *, raw, text_column: str, tokenizer, block
 
 
 def streaming_datasets(raw: dict, tokenizer, data_args, max_seq_length: int, n_parts: int,
-                       text_column: str, do_eval: bool) -> tuple[IterableDataset | None, Dataset | None]:
+                       do_eval: bool) -> tuple[IterableDataset | None, Dataset | None]:
     """The training stream of blocks (split into `n_parts` shards, one per process) and the held-out blocks.
 
     Evaluation blocks come from the start of the validation stream if there is one, else
     from the start of the training stream, whose training part then begins after the texts
     they used: no text is both trained and evaluated on.
     """
+    text_column = text_column_of(raw["train" if "train" in raw else "validation"], data_args.text_column_name)
     n_eval = data_args.max_eval_samples or DEFAULT_EVAL_BLOCKS
     eval_dataset, skip = None, 0
     dtype = token_dtype(len(tokenizer))

@@ -91,15 +91,16 @@ def sample_stream(stream, text_column: str, max_chars: int = STREAM_SAMPLE_CHARS
 
     from utils.streaming import iter_texts
 
-    texts, chars = [], 0
+    texts, chars, digest = [], 0, hashlib.sha256()
     for text in iter_texts(stream, text_column):
         texts.append(text)
+        digest.update(text.encode() + b"\x00")
         chars += len(text)
         if chars >= max_chars:
             break
     logger.info("Streaming: training the tokenizer on the first %d texts (%.0f MB)", len(texts), chars / 1e6)
     sample = Dataset.from_dict({text_column: texts})
-    sample._fingerprint = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    sample._fingerprint = digest.hexdigest()[:16]
     return sample
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -129,17 +131,12 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        import signal
-
         self.signal = signal.Signals(signum).name
         logger.warning("%s received: saving a checkpoint at the end of this step, then stopping (send it again to "
                        "stop at once)", self.signal)
@@ -152,8 +149,6 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        import signal
-
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
