@@ -260,3 +260,19 @@ def test_kill_9_during_a_save_resumes_to_the_same_result(tmp_path, corpus):
     resumed_losses, whole_losses = losses(out), losses(tmp_path / "whole")
     for step in (25, 30, 35, 40):
         assert resumed_losses[step] == pytest.approx(whole_losses[step], abs=1e-5)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz"])
+def test_undecodable_bytes_are_located_in_the_text_not_the_compressed_file(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    from utils.data import find_undecodable
+
+    text = b"line one\nline two\n" * 100_000 + b"caf\xc3x\n"  # past the first 1 MB read
+    opener = {"": open, ".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    with opener(tmp_path / f"u.txt{suffix}", "wb") as f:
+        f.write(text)
+    line, offset, _ = find_undecodable(str(tmp_path / f"u.txt{suffix}"))
+    assert (line, offset) == (200_001, len(text) - 3)

@@ -129,21 +129,30 @@ def describe_load_error(error: Exception, files: list[str], flag: str) -> str:
 
 
 def find_undecodable(path: str) -> tuple[int, int, str] | None:
-    """(line number, byte offset, the bytes around it) of the first invalid UTF-8 in `path`, or None."""
+    """(line number, byte offset, the bytes around it) of the first invalid UTF-8 in `path`, or None.
+
+    Offsets are in the decompressed text; None for a compression this cannot open (.zst).
+    """
+    import bz2
     import codecs
     import gzip
+    import lzma
 
-    opener = gzip.open if path.endswith(".gz") else open
+    openers = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+    suffix = path.rsplit(".", 1)[-1].lower()
+    if suffix in COMPRESSIONS and suffix not in openers:
+        return None
     decoder = codecs.getincrementaldecoder("utf-8")()
     line, offset = 1, 0
-    with opener(path, "rb") as f:
+    with openers.get(suffix, open)(path, "rb") as f:
         while chunk := f.read(1 << 20):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:
-                bad = offset + e.start - len(decoder.getstate()[0])
-                line += chunk[: e.start].count(b"\n")
-                return line, bad, repr(chunk[max(0, e.start - 20): e.start + 4])
+                # e.object is the bytes held back from the previous chunk followed by this one.
+                pending = len(e.object) - len(chunk)
+                line += e.object[pending:max(pending, e.start)].count(b"\n")
+                return line, offset - pending + e.start, repr(e.object[max(0, e.start - 20): e.start + 4])
             line += chunk.count(b"\n")
             offset += len(chunk)
     return None
