@@ -59,20 +59,64 @@ def flops_per_token(masked_fraction: float) -> float:
     return 6 * n_nonembedding + 12 * LAYERS * HIDDEN * SEQ + 6 * (HIDDEN * HIDDEN + HIDDEN * VOCAB) * masked_fraction
 
 
-def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
-    """Best FLOP/s of a square matmul in this process (the machine's practical peak)."""
+def matmul_peak(dtype_name: str, sizes=(1024, 2048, 3072), seconds: float = 1.0) -> float:
+    """Best FLOP/s of square matmuls in this process (the machine's practical peak).
+
+    Each size runs for `seconds` first: the matrix units of this CPU take a moment to reach
+    full speed, and a short measurement once came out at less than half the peak.
+    """
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    best_rate = 0.0
+    for size in sizes:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            a @ b
+        for _ in range(10):
+            start = time.perf_counter()
+            a @ b
+            best_rate = max(best_rate, 2 * size**3 / (time.perf_counter() - start))
+    return best_rate
+
+
+def model_gemm_rate(dtype_name: str, masked_fraction: float = MLM_PROBABILITY, repeats: int = 5) -> float:
+    """FLOP/s of one training step's matrix products alone, at the model's own shapes.
+
+    Forward and backward products of every layer (Q, K, V, output, FFN up and down,
+    attention scores and values) and of a sparse head, timed back to back with nothing
+    else: the best MFU any implementation of this model shape could reach on this machine.
+    """
+    import torch
+
+    dtype, tokens, heads = getattr(torch, dtype_name), BATCH * SEQ, BATCH * HEADS
+    head_dim, masked = HIDDEN // HEADS, round(BATCH * SEQ * masked_fraction)
+
+    def linear(m, k, n):  # y = x w^T; backward dx = dy w, dw = dy^T x
+        x, w, dy = (torch.randn(*s, dtype=dtype) for s in ((m, k), (n, k), (m, n)))
+        return [lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x]
+
+    def batched(b, m, k, n):  # y = a c; backward da = dy c^T, dc = a^T dy
+        a, c, dy = (torch.randn(*s, dtype=dtype) for s in ((b, m, k), (b, k, n), (b, m, n)))
+        return [lambda: a @ c, lambda: dy @ c.transpose(1, 2), lambda: a.transpose(1, 2) @ dy]
+
+    layer = (linear(tokens, HIDDEN, HIDDEN) * 4 + linear(tokens, HIDDEN, INTERMEDIATE)
+             + linear(tokens, INTERMEDIATE, HIDDEN) + batched(heads, SEQ, head_dim, SEQ)
+             + batched(heads, SEQ, SEQ, head_dim))
+    head = linear(masked, HIDDEN, HIDDEN) + linear(masked, HIDDEN, VOCAB)
+    flops = 6 * LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE) * tokens
+    flops += 12 * LAYERS * HIDDEN * SEQ * tokens + 6 * (HIDDEN * HIDDEN + HIDDEN * VOCAB) * masked
+    calls = layer * LAYERS + head
+    for call in layer + head:
+        call()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        for call in calls:
+            call()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return flops / best
 
 
 def prepare_data(directory: Path, n_eval: int) -> None:
@@ -252,8 +296,11 @@ def main() -> None:
         data = Path(tmp)
         prepare_data(data, args.eval_blocks)
         peaks = {dtype: matmul_peak(dtype) for dtype in ("bfloat16", "float32")}
+        gemms = model_gemm_rate("bfloat16")
         print(f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"matmul peak bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s")
+        print(f"Ceiling: this model's own matrix products alone (sparse head, bf16) run at {gemms / 1e9:.0f} GFLOP/s "
+              f"= {gemms / peaks['bfloat16']:.0%} of the bf16 peak; no implementation of this shape exceeds that MFU")
         print(f"Model: BERT {LAYERS}x{HIDDEN}, {HEADS} heads, intermediate {INTERMEDIATE}, vocab {VOCAB}; "
               f"seq {SEQ}, batch {BATCH}; {args.warmup} warm-up + {args.steps} timed steps; "
               f"eval on {args.eval_blocks} blocks; median of {args.repeats} interleaved round(s)\n")

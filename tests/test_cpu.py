@@ -18,6 +18,14 @@ def test_keep_mask_rate_shape_and_unbiased_lanes():
     assert keep_mask((1000,), p=0.0).all()
 
 
+def test_keep_mask_follows_torch_seed():
+    torch.manual_seed(3)
+    first, second = keep_mask((5000,), p=0.5), keep_mask((5000,), p=0.5)
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((5000,), p=0.5), first)  # same seed, same masks (resumes reproduce)
+    assert not torch.equal(first, second)  # successive calls draw new masks
+
+
 def test_fast_dropout_keeps_the_expectation_and_is_identity_in_eval():
     torch.manual_seed(0)
     x = torch.ones(200_000)

@@ -1,6 +1,8 @@
 """The MLM loss: the mean over labelled tokens, whatever the process and accumulation layout."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from utils.loss import masked_lm_loss
@@ -41,3 +43,21 @@ def test_split_batches_sum_to_the_global_token_mean():
     # A mean of per-half means (what a per-device loss gives) is not the same number.
     per_half = [masked_lm_loss(model(input_ids=ids[s]).logits, labels[s]) for s in (slice(0, 3), slice(3, 6))]
     assert abs((per_half[0] + per_half[1]) / 2 - whole) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 16, 37])  # empty, one, a whole chunk, chunks and a partial one
+def test_chunked_cross_entropy_equals_torchs_in_value_and_gradient(dtype, rows):
+    from utils.loss import ChunkedCrossEntropySum
+
+    torch.manual_seed(rows)
+    logits = (torch.randn(rows, 1000) * 3).to(dtype)
+    targets = torch.randint(0, 1000, (rows,))
+    ours_in, torch_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = ChunkedCrossEntropySum.apply(ours_in, targets)
+    expected = F.cross_entropy(torch_in.float(), targets, reduction="sum")
+    (ours * 0.5).backward()
+    (expected * 0.5).backward()
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    assert ours_in.grad.dtype == dtype
+    assert torch.allclose(ours_in.grad.float(), torch_in.grad.float(), atol=1e-6 if dtype == torch.float32 else 4e-3)
