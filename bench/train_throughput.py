@@ -46,8 +46,10 @@ CONFIGS = {
     "dense-fp32": ("project pipeline, dense head, fp32", dict(project=True, sparse=False, precision="fp32")),
     "sparse-fp32": ("project pipeline, sparse head, fp32", dict(project=True, sparse=True, precision="fp32")),
     "dense-bf16": ("project pipeline, dense head, bf16", dict(project=True, sparse=False, precision="bf16")),
-    "no-cpu-kernels": ("project defaults without the CPU dropout/attention kernels",
+    "no-cpu-kernels": ("project defaults without the CPU speed-ups (dropout, attention, memory reuse)",
                        dict(project=True, sparse=True, precision="auto", cpu_kernels=False)),
+    "glibc-malloc": ("project defaults with glibc's malloc returning freed memory",
+                     dict(project=True, sparse=True, precision="auto", reuse_memory=False)),
     "project": ("project defaults: sparse head, precision auto", dict(project=True, sparse=True, precision="auto")),
     "project+compile": ("project defaults + --torch_compile", dict(project=True, sparse=True, precision="auto",
                                                                    compile=True)),
@@ -227,7 +229,7 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
         from utils.cpu import speed_up_for_cpu
 
         if settings.get("cpu_kernels", True):
-            speed_up_for_cpu(model)
+            speed_up_for_cpu(model, reuse_memory=settings.get("reuse_memory", True))
         trainer = build_trainer(model, tokenizer, args, train, evaluation, collator, callbacks=[timer.callback])
         masked_fraction = MLM_PROBABILITY if settings["sparse"] else 1.0
 

@@ -1,5 +1,10 @@
 """The CPU speed-ups compute the same thing: dropout masks of the right rate, attention equal to SDPA's."""
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
@@ -71,7 +76,7 @@ def test_model_with_speed_ups_predicts_the_same_and_saves_ordinary_checkpoints(t
     fast = BertForMaskedLM(config()).eval()
     fast.load_state_dict(plain.state_dict())
     changes = speed_up_for_cpu(fast)
-    assert len(changes) == 2
+    assert len(changes) == 3 and any("attention" in c for c in changes) and any("dropout" in c for c in changes)
     assert plain.config._attn_implementation == "sdpa" and fast.config._attn_implementation == "run_mlm_cpu"
     assert not any(m.training for m in fast.modules())  # replaced dropout layers kept eval mode
     ids = torch.randint(5, 50, (3, 12))
@@ -89,3 +94,38 @@ def test_model_with_speed_ups_predicts_the_same_and_saves_ordinary_checkpoints(t
     fast.save_pretrained(tmp_path)
     assert "run_mlm_cpu" not in (tmp_path / "config.json").read_text()
     assert BertForMaskedLM.from_pretrained(tmp_path).config._attn_implementation in ("sdpa", "eager")
+
+
+MALLOC_PROBE = """
+import ctypes, sys, torch
+sys.path.insert(0, {repo!r})
+from utils.cpu import reuse_freed_memory
+
+class Info(ctypes.Structure):  # struct mallinfo2: arena, ordblks, smblks, hblks, hblkhd, ...
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+MB = 1 << 20
+
+def block_mapped_on_its_own():
+    block = torch.ones(16 * MB)  # 64 MB, over glibc's largest automatic mmap threshold (32 MB)
+    return libc.mallinfo2().hblkhd >= 64 * MB
+
+before = block_mapped_on_its_own()
+assert reuse_freed_memory()
+after = block_mapped_on_its_own()
+print(before, after, libc.mallinfo2().arena >= 64 * MB)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_reuse_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them():
+    """Big tensors come from the heap once reuse is on, and stay there for the next step when freed."""
+    probe = MALLOC_PROBE.format(repo=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    # By default a 64 MB block is its own mmap (unmapped on free, faulted in again next
+    # time); after reuse_freed_memory() it comes from the heap, which keeps it after free.
+    assert out == ["True", "False", "True"]

@@ -1,4 +1,4 @@
-"""Faster training on CPUs: cheaper dropout masks, and attention that suits the CPU kernels.
+"""Faster training on CPUs: cheaper dropout masks, attention that suits the CPU kernels, reused memory.
 
 Measured on a 2-core Xeon (AMX), BERT 6x384, batch 16 x 128 tokens, bf16 autocast:
 - `bernoulli_`, which torch's dropout draws its masks with, took a quarter of each step.
@@ -10,11 +10,21 @@ Measured on a 2-core Xeon (AMX), BERT 6x384, batch 16 x 128 tokens, bf16 autocas
 - With dropout on, SDPA runs its unfused math path (50 ms per layer, forward and
   backward); without dropout, its fused CPU kernel has a slow bf16 backward (55 ms).
   Plain matmul-softmax-matmul attention takes 9 ms, plus the mask.
+- glibc's malloc serves large blocks with fresh pages from the kernel and hands them back
+  when they are freed, so each step page-faulted its activations and gradients in again:
+  27,000 faults and 50 ms of kernel time per step. Zeroing a new 47 MB embedding gradient
+  took 12 ms, against 1.2 ms for memory already mapped. Keeping freed memory for reuse
+  (what jemalloc or tcmalloc preloaded with LD_PRELOAD do, the usual advice for PyTorch
+  on CPU) cut that to 4,500-6,500 faults and 8-12 ms.
 Nothing here changes what is computed in distribution: dropout rates, attention masks
 and the model's weights stay as configured. GPUs and evaluation keep transformers' paths.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
 
 import numpy as np
 import torch
@@ -95,11 +105,36 @@ def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.
     return output.transpose(1, 2).contiguous(), None
 
 
-def speed_up_for_cpu(model) -> list[str]:
-    """Swap in the faster dropout and attention above; returns what was changed, to log."""
+# mallopt(3) parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next training step instead of unmapping it.
+
+    Large blocks come from the heap rather than from their own mmap, and the heap is given
+    back to the kernel only when over 1 GiB of it is free at the top. Peak memory is the
+    same (a step allocates what the previous one freed); memory freed after the peak stays
+    with the process. False where the C library is not glibc (macOS, musl): nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1
+               for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20)))
+
+
+def speed_up_for_cpu(model, reuse_memory: bool = True) -> list[str]:
+    """Swap in the faster dropout and attention above and keep freed memory; returns what changed, to log."""
     from transformers import AttentionInterface
 
     changes = []
+    if reuse_memory and reuse_freed_memory():
+        changes.append("malloc keeps freed memory for reuse (no page faults on every step's tensors)")
     replaced = 0
     for module in model.modules():
         for name, child in module.named_children():
