@@ -107,8 +107,7 @@ def model_gemm_rate(dtype_name: str, masked_fraction: float = MLM_PROBABILITY, r
              + linear(tokens, INTERMEDIATE, HIDDEN) + batched(heads, SEQ, head_dim, SEQ)
              + batched(heads, SEQ, SEQ, head_dim))
     head = linear(masked, HIDDEN, HIDDEN) + linear(masked, HIDDEN, VOCAB)
-    flops = 6 * LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE) * tokens
-    flops += 12 * LAYERS * HIDDEN * SEQ * tokens + 6 * (HIDDEN * HIDDEN + HIDDEN * VOCAB) * masked
+    flops = flops_per_token(masked / tokens) * tokens
     calls = layer * LAYERS + head
     for call in layer + head:
         call()

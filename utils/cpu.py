@@ -23,7 +23,6 @@ and the model's weights stay as configured. GPUs and evaluation keep transformer
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 import numpy as np
@@ -120,8 +119,9 @@ def reuse_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The symbols already loaded into this process, libc's among them: no library search
+        # (find_library would run ldconfig in a subprocess at every start).
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     return all(mallopt(param, value) == 1
