@@ -357,8 +357,10 @@ def main(argv: list[str] | None = None) -> dict:
         model_args, data_args, raw_datasets, checkpoint, training_args
     )
     prepared = manifest = None
+    data_stats: dict = {}  # per split: tokens, characters, tokens lost (for the log and the model card)
     if data_args.tokenized_dataset_path:
         prepared, manifest = prepare_dataset.load_prepared(data_args.tokenized_dataset_path, tokenizer, data_args)
+        data_stats = manifest["splits"]
 
     # 7. Model configuration, and the block length it and the tokenizer can take.
     config, max_seq_length = modeling.config_and_block_length(
@@ -370,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 8. Tokenize and pack into blocks (the main process first; the others read its cache), or
     #    stream them (each process its own share), or read the prepared blocks; then the masking
-    #    collator, whose masks depend on (seed, step, row of the global batch) only.
+    #    collator, whose masks depend on (seed, step, row of the global batch) only. Every text
+    #    gets the ids tokenizer(text) gives, whatever padding its tokenizer.json holds.
     collator = build_collator(tokenizer, data_args, training_args, start_step=checkpoint_step(checkpoint))
     train_dataset = eval_dataset = None
     if data_args.streaming:
@@ -388,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
         if prepared is None:
             with distributed.main_process_first(training_args, "tokenizing"):
                 started = time.time()
-                prepared = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length)
+                prepared = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length,
+                                                    stats=data_stats)
             distributed.report_cache_reuse(prepared, started, training_args)
         if training_args.do_train:
             train_dataset = data.truncate(prepared["train"], data_args.max_train_samples)
@@ -472,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_model_card(
             training_args.output_dir, trainer.model, model_args, data_args, training_args, trainer.state, results,
             max_seq_length, tokenizer_source, tokenizer.mask_token, sys.argv[1:] if argv is None else argv,
-            tokens_per_step=tokens_per_step, plot=plot,
+            tokens_per_step=tokens_per_step, plot=plot, data_stats=data_stats,
         )
     if data_args.fill_mask_sentences and trainer.is_world_process_zero():
         predictions = predict_masks(trainer.model, tokenizer, data_args.fill_mask_sentences,

@@ -10,9 +10,9 @@ corpus, ~1.5 MB), repeated to the sizes asked for. Tokenizer: a BERT-style WordP
 process with an empty datasets cache, so its time includes reading the text, and its
 peak RSS is its own:
 
-- raw: the fast tokenizer's `encode_batch_fast` on batches of 1000 lines read from the
-  file, ids turned into Python lists (what any pipeline has to do at least); its own
-  threads, as the project's single-worker path uses them.
+- raw: the fast tokenizer's `encode_batch_fast` (on its exact copy: no saved padding) on
+  batches of 1000 lines read from the file, ids turned into Python lists (what any pipeline
+  has to do at least); its own threads, as the project's single-worker path uses them.
 - reference: the reference run_mlm.py's maps: `tokenizer(texts, return_special_tokens_mask=True)`
   storing four columns, then `group_texts` on Python lists, 1000 texts per batch.
 - project-1 / project-2: `utils.data.preprocess_datasets` with 1 or 2 workers.
@@ -63,8 +63,10 @@ def stored_mb(cache: Path) -> float:
 
 def run_raw(corpus: str, tokenizer) -> dict:
     from utils.data import _non_blank
+    from utils.encoding import exact_copy
 
-    backend, tokens = tokenizer._tokenizer, 0
+    # The ids tokenizer(text) gives: no padding or truncation the tokenizer.json may carry.
+    backend, tokens = exact_copy(tokenizer)._tokenizer, 0
     with open(corpus, encoding="utf-8") as f:
         while lines := f.readlines(2**20):
             for start in range(0, len(lines), 1000):

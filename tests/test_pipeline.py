@@ -11,12 +11,12 @@ from datasets import Dataset
 
 from utils.data import (
     BlockPacker,
-    encode_to_arrays,
     group_texts,
     load_raw_datasets,
     preprocess_datasets,
     token_dtype,
 )
+from utils.encoding import encode_to_arrays
 from utils.errors import UsageError
 from utils.streaming import _part_generator, iter_blocks, streaming_datasets, take_blocks
 from utils.tokenizer import train_wordpiece_tokenizer

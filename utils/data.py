@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import itertools
 import logging
 import os
 import time
@@ -11,10 +10,12 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, LargeList, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
+from utils.encoding import check_no_padding, encode_to_arrays, exact_copy
 from utils.errors import UsageError, one_line
 
 logger = logging.getLogger(__name__)
@@ -223,30 +224,12 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def encode_to_arrays(texts: list[str], tokenizer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts` (with special tokens) as one flat array, and each text's offset into it.
-
-    Fast tokenizers go straight to the Rust backend's `encode_batch_fast` (no offsets, no
-    Python-side BatchEncoding): this is most of the raw tokenizer's speed.
-    """
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        sequences = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
-    else:
-        sequences = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False,
-                              verbose=False)["input_ids"]
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=int(offsets[-1]))
-    return ids, offsets
-
-
 def tokenize_batch(batch: pa.Table, tokenizer, text_column: str, dtype: str) -> pa.Table:
     """`datasets.map` function (arrow format): one row of token ids per non-blank text, nothing else.
 
-    Attention masks and token type ids are implied by full blocks, so they are not stored;
-    ids take the smallest integer type (a quarter of the int64 the reference stores).
+    `tokenizer` is exact (`utils.encoding.exact_copy`). Attention masks and token type ids are
+    implied by full blocks, so they are not stored; ids take the smallest integer type (a
+    quarter of the int64 the reference stores).
     """
     texts = _non_blank(batch.column(text_column).to_pylist())
     ids, offsets = encode_to_arrays(texts, tokenizer, dtype)
@@ -255,13 +238,15 @@ def tokenize_batch(batch: pa.Table, tokenizer, text_column: str, dtype: str) -> 
 
 def tokenize_texts(examples: dict, tokenizer, text_column: str, with_offsets: bool = False) -> dict:
     """Tokenize every non-blank text with its special tokens, keeping only what training needs."""
+    texts = _non_blank(examples[text_column])
     encoded = tokenizer(
-        _non_blank(examples[text_column]),
+        texts,
         return_attention_mask=False,
         return_token_type_ids=False,
         return_offsets_mapping=with_offsets,
         verbose=False,  # texts longer than the model are fine here: group_texts cuts them
     )
+    check_no_padding(np.fromiter((i for ids in encoded["input_ids"] for i in ids), dtype=np.int64), texts, tokenizer)
     return dict(encoded)
 
 
@@ -269,8 +254,9 @@ def tokenize_lines(
     examples: dict, tokenizer, text_column: str, max_seq_length: int, pad: bool, with_offsets: bool = False
 ) -> dict:
     """Tokenize each non-blank line as one example, truncated to `max_seq_length` (line_by_line mode)."""
+    texts = _non_blank(examples[text_column])
     encoded = tokenizer(
-        _non_blank(examples[text_column]),
+        texts,
         truncation=True,
         max_length=max_seq_length,
         padding="max_length" if pad else False,
@@ -279,7 +265,18 @@ def tokenize_lines(
         return_token_type_ids=False,
         return_offsets_mapping=with_offsets,
     )
+    if not pad:
+        check_no_padding(np.fromiter((i for ids in encoded["input_ids"] for i in ids), dtype=np.int64), texts,
+                         tokenizer)
     return dict(encoded)
+
+
+def count_characters(dataset: Dataset, text_column: str) -> int:
+    """Characters in the text column (what the token counts are reported against)."""
+    total = 0
+    for batch in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=100_000):
+        total += pc.sum(pc.utf8_length(batch.column(text_column))).as_py() or 0
+    return total
 
 
 class BlockPacker:
@@ -385,9 +382,12 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
                         stats: dict | None = None) -> DatasetDict:
     """Tokenize `raw` and turn it into training examples (fixed blocks, or one per line).
 
-    Results go to the `datasets` cache: run it on the main process first, and the others
-    read the cache instead of tokenizing again. Blocks keep tokens across batches of texts:
-    at most one partial block per split is lost (logged, and recorded in `stats[split]`).
+    Every text gets exactly the ids `tokenizer(text)` gives, whatever padding or truncation
+    the tokenizer's saved state holds (utils.encoding); line_by_line truncates at
+    `max_seq_length`. Results go to the `datasets` cache: run it on the main process first,
+    and the others read the cache instead of tokenizing again. Blocks keep tokens across
+    batches of texts: at most one partial block per split is lost. Counts (blocks, tokens,
+    characters, tokens lost) are logged and recorded in `stats[split]`.
     """
     text_column = text_column_of(raw["train" if "train" in raw else "validation"], data_args.text_column_name)
     with_offsets = data_args.whole_word_mask
@@ -399,28 +399,35 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
     dtype = token_dtype(len(tokenizer))
     processed = DatasetDict()
     for split, dataset in raw.items():
+        started = time.perf_counter()
+        # A fresh copy per split: the wrapper calls below change its backend's state, never the caller's.
+        exact = exact_copy(tokenizer)
         if data_args.line_by_line:
             processed[split] = dataset.map(
                 tokenize_lines,
-                fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "max_seq_length": max_seq_length,
+                fn_kwargs={"tokenizer": exact, "text_column": text_column, "max_seq_length": max_seq_length,
                            "pad": data_args.pad_to_max_length, "with_offsets": with_offsets},
                 remove_columns=dataset.column_names,
                 desc=f"Tokenizing {split} lines",
                 **map_kwargs,
             )
+            lengths = pc.list_value_length(processed[split].data.table.column("input_ids"))
+            counts = {"rows": len(processed[split]), "tokens": pc.sum(lengths).as_py() or 0,
+                      "rows_at_max_length": pc.sum(pc.equal(lengths, max_seq_length)).as_py() or 0}
+            description = (f"{counts['rows']:,} lines of up to {max_seq_length} tokens "
+                           f"({counts['rows_at_max_length']:,} of them cut or filled to that length)")
         else:
-            started = time.perf_counter()
             if with_offsets:
                 # Whole-word masking needs each token's character offsets: the slower, general path.
                 tokenized = dataset.map(
                     tokenize_texts,
-                    fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "with_offsets": True},
+                    fn_kwargs={"tokenizer": exact, "text_column": text_column, "with_offsets": True},
                     remove_columns=dataset.column_names, desc=f"Tokenizing {split}", **map_kwargs,
                 )
             else:
                 tokenized = dataset.select_columns([text_column]).with_format("arrow").map(
                     tokenize_batch,
-                    fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "dtype": dtype},
+                    fn_kwargs={"tokenizer": exact, "text_column": text_column, "dtype": dtype},
                     remove_columns=[text_column],
                     features=Features({"input_ids": LargeList(Value(dtype))}),
                     desc=f"Tokenizing {split}",
@@ -432,11 +439,17 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
             processed[split], lost = pack_dataset(tokenized, max_seq_length, overwrite=data_args.overwrite_cache,
                                                   desc=f"Grouping {split} into blocks of {max_seq_length}")
             n_blocks = len(processed[split])
-            if stats is not None:
-                stats[split] = {"blocks": n_blocks, "tokens_lost": lost}
-            logger.info("%s: %d blocks of %d tokens (%d tokens), %d tokens left over in the last partial block; "
-                        "%.1f s", split, n_blocks, max_seq_length, n_blocks * max_seq_length, lost,
-                        time.perf_counter() - started)
+            counts = {"blocks": n_blocks, "tokens": n_blocks * max_seq_length + lost,
+                      "tokens_in_blocks": n_blocks * max_seq_length, "tokens_lost": lost}
+            description = (f"{n_blocks:,} blocks of {max_seq_length} tokens, {lost:,} tokens left over in the last "
+                           "partial block")
+        counts["characters"] = count_characters(dataset, text_column)
+        if stats is not None:
+            stats[split] = counts
+        # Tokens beside characters: a tokenizer that padded or cut every text would show here.
+        logger.info("%s: %s tokens from %s characters of text (%.2f characters per token): %s; %.1f s",
+                    split, f"{counts['tokens']:,}", f"{counts['characters']:,}",
+                    counts["characters"] / max(counts["tokens"], 1), description, time.perf_counter() - started)
         if len(processed[split]) == 0:
             raise UsageError(
                 f"the {split} split has fewer tokens than one block of {max_seq_length} "

@@ -106,10 +106,30 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
 
 
+def _token_counts(data_stats: dict) -> list[str]:
+    """A line per split: the tokens the text gave, beside its characters (none for a stream)."""
+    lines = []
+    for split, name in (("train", "Training"), ("validation", "Evaluation")):
+        counts = data_stats.get(split)
+        if not counts or counts.get("tokens") is None:
+            continue
+        characters = counts.get("characters")
+        lost = counts.get("tokens_lost")
+        lines.append(f"- {name} text: {counts['tokens']:,} tokens"
+                     + (f" from {characters:,} characters" if characters else "")
+                     + (f", {lost:,} of them left over in the last partial block" if lost else "") + ".")
+    return lines
+
+
 def write_model_card(output_dir: str, model, model_args, data_args, training_args, state, metrics: dict,
                      max_seq_length: int, tokenizer_source: str, mask_token: str, argv: list[str],
-                     tokens_per_step: int | None = None, plot: str | None = None) -> Path:
-    """Write README.md in `output_dir`: what was trained, on what, how, the results and how to rerun it."""
+                     tokens_per_step: int | None = None, plot: str | None = None,
+                     data_stats: dict | None = None) -> Path:
+    """Write README.md in `output_dir`: what was trained, on what, how, the results and how to rerun it.
+
+    `data_stats`: per split, the counts `utils.data.preprocess_datasets` (or a prepared
+    dataset's manifest) gives: tokens, characters, tokens lost.
+    """
     import datasets
     import tokenizers
     import torch
@@ -143,6 +163,7 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
         f"- Examples: {'one per line, truncated to' if data_args.line_by_line else 'packed blocks of'} "
         f"{max_seq_length} tokens; {metrics.get('train_samples', 'n/a')} for training, "
         f"{metrics.get('eval_samples', 'n/a')} held out for evaluation.",
+        *_token_counts(data_stats or {}),
         f"- Tokenizer: {tokenizer_source}.", "",
         "## Training", "",
         f"- Steps: {state.global_step} ({state.epoch or 0:.2f} epochs), global batch {global_batch} "

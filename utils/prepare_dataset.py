@@ -25,13 +25,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.encoding import exact_copy
 from utils.errors import UsageError
 
 logger = logging.getLogger("prepare_dataset")
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
+# 2: ids exactly as `tokenizer(text)` gives them (format 1 kept the padding and truncation a
+# tokenizer.json may carry), token and character counts per split.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -43,8 +46,12 @@ class PrepareArguments:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of everything that decides token ids: the fast tokenizer's full JSON, else the vocabulary."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    """A short hash of everything that decides token ids: the fast tokenizer's full JSON, else the vocabulary.
+
+    Taken on the exact copy that tokenizes the data (no padding or truncation): the padding
+    state of a tokenizer object changes with every wrapper call and decides no id.
+    """
+    backend = getattr(exact_copy(tokenizer), "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -74,8 +81,12 @@ def write_prepared(path: str, datasets, tokenizer, block_size: int, data_args, s
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
         "columns": datasets[next(iter(datasets))].column_names,
-        "splits": {split: {"blocks": len(ds), "tokens": len(ds) * block_size,
-                           "tokens_lost": stats.get(split, {}).get("tokens_lost", 0)}
+        # tokens: what the text gave; tokens_in_blocks: what training sees (less the last partial block).
+        "splits": {split: {"blocks": len(ds),
+                           "tokens": stats.get(split, {}).get("tokens", len(ds) * block_size),
+                           "tokens_in_blocks": len(ds) * block_size,
+                           "tokens_lost": stats.get(split, {}).get("tokens_lost", 0),
+                           "characters": stats.get(split, {}).get("characters")}
                    for split, ds in datasets.items()},
         "source": data_source(data_args),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -116,7 +127,16 @@ def read_manifest(path: str) -> dict:
 def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
     """Refuse a prepared dataset that does not fit the run: another tokenizer, block size or source."""
     redo = f"prepare it again with this run's arguments, or use the tokenizer in {path}/{TOKENIZER_DIR}"
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") == 1:
+        # Format 1 tokenized with the backend as saved: a tokenizer.json that pads or truncates
+        # (sentence-transformers') gave one padded, cut row per text. Without that, its ids are exact.
+        padded = saved_padding(Path(path) / TOKENIZER_DIR)
+        if padded:
+            raise UsageError(f"--tokenized_dataset_path {path} was prepared by an earlier version that kept its "
+                             f"tokenizer's own padding and truncation ({padded}): its blocks hold padding and cut "
+                             "texts, not the text's tokens; prepare it again (python -m utils.prepare_dataset ... "
+                             "--overwrite)")
+    elif manifest.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"--tokenized_dataset_path {path} was written by another version of prepare_dataset "
                          f"(format {manifest.get('format_version')}, this one reads {FORMAT_VERSION}); prepare "
                          "it again")
@@ -139,6 +159,16 @@ def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
         changed = ", ".join(f"--{k} {given[k]} (prepared from {prepared[k]})" for k in given if given[k] != prepared[k])
         raise UsageError(f"--tokenized_dataset_path {path} was prepared from other data: {changed}; "
                          "drop the data flags to train on the prepared data, or prepare it again")
+
+
+def saved_padding(tokenizer_dir: Path) -> str | None:
+    """The padding and truncation a saved tokenizer.json applies on its own, in a phrase; None if none."""
+    tokenizer_json = tokenizer_dir / "tokenizer.json"
+    if not tokenizer_json.exists():
+        return None
+    saved = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    what = [f"{key} {json.dumps(saved[key])}" for key in ("padding", "truncation") if saved.get(key)]
+    return ", ".join(what) or None
 
 
 def load_prepared(path: str, tokenizer, data_args):
@@ -196,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.time() - started
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
     print(f"Prepared {path}: " + ", ".join(f"{split} {s['blocks']} blocks of {block_size} "
-                                           f"({s['tokens_lost']} tokens lost)"
+                                           f"({s['tokens']:,} tokens from {s['characters']:,} characters, "
+                                           f"{s['tokens_lost']} tokens lost)"
                                            for split, s in manifest["splits"].items())
           + f"; {tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s); tokenizer: {source}",
           flush=True)

@@ -16,7 +16,8 @@ from functools import partial
 import numpy as np
 from datasets import Dataset, Features, IterableDataset, List, Value
 
-from utils.data import _non_blank, encode_to_arrays, text_column_of, token_dtype
+from utils.data import _non_blank, text_column_of, token_dtype
+from utils.encoding import encode_to_arrays, exact_copy, is_exact
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -44,18 +45,24 @@ def iter_blocks(texts: Iterable[str], tokenizer, block_size: int, dtype: str | N
                 stats: dict | None = None, texts_per_batch: int = TEXTS_PER_BATCH) -> Iterator[np.ndarray]:
     """Tokenize `texts` in batches and yield blocks of `block_size` ids, carrying the remainder across batches.
 
-    `stats`, if given, holds the texts consumed so far (up to the batch of the block just
-    yielded) and the tokens left in the partial block (at the end, the only ones lost).
+    Each text gives exactly the ids `tokenizer(text)` gives (no padding or truncation saved
+    in the tokenizer). `stats`, if given, holds the texts and characters consumed so far (up
+    to the batch of the block just yielded) and the tokens left in the partial block (at the
+    end, the only ones lost).
     """
     dtype = dtype or token_dtype(len(tokenizer))
+    if not is_exact(tokenizer):
+        tokenizer = exact_copy(tokenizer)
     carry = np.empty(0, dtype=dtype)
     for batch in _batches(texts, texts_per_batch):
-        ids, _ = encode_to_arrays(_non_blank(batch), tokenizer, dtype)
+        texts_of_batch = _non_blank(batch)
+        ids, _ = encode_to_arrays(texts_of_batch, tokenizer, dtype)
         flat = np.concatenate([carry, ids]) if len(carry) else ids
         n_blocks = len(flat) // block_size
         carry = flat[n_blocks * block_size:].copy()
         if stats is not None:
             stats["texts"] = stats.get("texts", 0) + len(batch)
+            stats["characters"] = stats.get("characters", 0) + sum(map(len, texts_of_batch))
             stats["tokens_left"] = len(carry)
         yield from flat[: n_blocks * block_size].reshape(n_blocks, block_size)
 
@@ -90,6 +97,7 @@ def streaming_datasets(raw: dict, tokenizer, data_args, max_seq_length: int, n_p
     """
     text_column = text_column_of(raw["train" if "train" in raw else "validation"], data_args.text_column_name)
     n_eval = data_args.max_eval_samples or DEFAULT_EVAL_BLOCKS
+    tokenizer = exact_copy(tokenizer)  # once here, not in every part's generator
     eval_dataset, skip = None, 0
     dtype = token_dtype(len(tokenizer))
     if do_eval:

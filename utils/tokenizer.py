@@ -165,4 +165,17 @@ def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, tra
         casing = "uncased" if model_args.tokenizer_lowercase else "cased"
         source = f"WordPiece, {len(tokenizer)} tokens, {casing}, trained on the training text"
     check_mask_token(tokenizer, source)
+    report_own_padding(tokenizer, source)
     return tokenizer, source
+
+
+def report_own_padding(tokenizer, source: str) -> None:
+    """Say, in one line, that padding or truncation saved in the tokenizer is ignored for the training data."""
+    from utils.encoding import own_padding
+
+    what = own_padding(tokenizer)
+    if what:
+        logger.warning("The tokenizer from %s %s on its own (saved in its tokenizer.json, as sentence-transformers "
+                       "does); switched off for the training data: every text is tokenized whole, as "
+                       "tokenizer(text) gives it, then packed into blocks (or cut) at --max_seq_length. The "
+                       "tokenizer saved with the model is left as it was.", source, what)
