@@ -233,7 +233,7 @@ def test_run_mlm_trains_on_the_texts_tokens_not_on_a_tokenizers_padding(tmp_path
             "--disable_tqdm", "true"])
     messages = [r.getMessage() for r in caplog.records]
     assert any("pads every text to 16 tokens and truncates every text at 16 tokens on its own" in m
-               and "switched off for the training data" in m for m in messages)
+               and "the training data is tokenized without that" in m for m in messages)
     n_valid = len(lines) // 10
     valid_tokens = sum(len(tokenizer(t)["input_ids"]) for t in lines[:n_valid])
     # One padded 16-token row per line would give 540 + 60 blocks; the texts' own tokens give this many.

@@ -175,7 +175,6 @@ def report_own_padding(tokenizer, source: str) -> None:
 
     what = own_padding(tokenizer)
     if what:
-        logger.warning("The tokenizer from %s %s on its own (saved in its tokenizer.json, as sentence-transformers "
-                       "does); switched off for the training data: every text is tokenized whole, as "
-                       "tokenizer(text) gives it, then packed into blocks (or cut) at --max_seq_length. The "
-                       "tokenizer saved with the model is left as it was.", source, what)
+        logger.warning("The tokenizer from %s %s on its own (its tokenizer.json says so, as sentence-transformers "
+                       "saves it); the training data is tokenized without that, as tokenizer(text) gives it. The "
+                       "tokenizer saved with the model is unchanged.", source, what)
