@@ -30,7 +30,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from utils import data, distributed, metrics, modeling, prepare_dataset, streaming, xla
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, move_hub_token_to_env, parse_args
-from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, lock_output_dir, unlock_output_dir
+from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, locked_output_dir
 from utils.corpus import BUILTIN_CORPORA
 from utils.cpu import speed_up_for_cpu
 from utils.data import check_extension
@@ -43,7 +43,7 @@ from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
 from utils.precision import apply_precision
-from utils.training import GracefulStop, Interrupted, NonFiniteGuard, build_trainer, checkpoint_step, save_final_model
+from utils.training import GracefulStop, Interrupted, NonFiniteGuard, build_trainer, save_final_model
 
 logger = logging.getLogger("run_mlm")
 
@@ -126,8 +126,9 @@ class ModelArguments:
     )
     nonfinite_loss: str = field(
         default="stop",
-        metadata={"help": "When a step's loss or gradients are nan/inf: stop (with the step number; the last good "
-                          "checkpoint is kept) or skip the batch and go on.", "choices": ["stop", "skip"]},
+        metadata={"help": "When a step's loss or gradients are nan/inf: stop (exit status 3, with the step number; "
+                          "the last good checkpoint is kept) or skip the batch and go on. Not checked on XLA (TPU).",
+                  "choices": ["stop", "skip"]},
     )
     dtype: str | None = field(
         default=None,
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     if xla.on_xla(training_args):
         for change in xla.adapt_for_xla(training_args, data_args):
             logger.info("XLA: set %s", change)
+        logger.warning("XLA: %s", xla.nonfinite_check_note(model_args.nonfinite_loss))
     logger.info("Model arguments %s", model_args)
     logger.info("Data arguments %s", data_args)
 
@@ -371,10 +373,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--whole_word_mask needs a fast tokenizer (offsets); drop --use_fast_tokenizer false")
 
     # 8. Tokenize and pack into blocks (the main process first; the others read its cache), or
-    #    stream them (each process its own share), or read the prepared blocks; then the masking
-    #    collator, whose masks depend on (seed, step, row of the global batch) only. Every text
-    #    gets the ids tokenizer(text) gives, whatever padding its tokenizer.json holds.
-    collator = build_collator(tokenizer, data_args, training_args, start_step=checkpoint_step(checkpoint))
+    #    stream them (each process its own share), or read the prepared blocks. Every text gets
+    #    the ids tokenizer(text) gives, whatever padding its tokenizer.json holds. Then the
+    #    collator: the Trainer masks each step's batches by (seed, step, row of the global batch)
+    #    only, whatever the data loader's workers or a resume did.
+    collator = build_collator(tokenizer, data_args, training_args)
     train_dataset = eval_dataset = None
     if data_args.streaming:
         train_dataset, eval_dataset = streaming.streaming_datasets(
@@ -423,68 +426,65 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info("CPU: %s", change)
 
     # All input is checked: from here on this run writes to output_dir, and no other run may.
-    if training_args.should_save:
-        lock_output_dir(training_args.output_dir)
+    # The lock and the signal handlers are released however the run ends (an error included).
+    with locked_output_dir(training_args.output_dir, training_args.should_save), GracefulStop() as stop_on_signal:
+        # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
+        #     A guard against nan/inf steps, and SIGTERM/SIGINT turned into "save, then stop".
+        compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None
+        tokens_per_step = (training_args.per_device_train_batch_size * training_args.world_size
+                           * training_args.gradient_accumulation_steps * max_seq_length)
+        guard = compilations if compilations else NonFiniteGuard(model_args.nonfinite_loss)
+        callbacks = [stop_on_signal, guard]
+        trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
+                                callbacks=callbacks, tokens_per_step=tokens_per_step)
 
-    # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
-    #     A guard against nan/inf steps, and SIGTERM/SIGINT turned into "save, then stop".
-    compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None
-    tokens_per_step = (training_args.per_device_train_batch_size * training_args.world_size
-                       * training_args.gradient_accumulation_steps * max_seq_length)
-    stop_on_signal = GracefulStop()
-    callbacks = [stop_on_signal, *([compilations] if compilations else [NonFiniteGuard(model_args.nonfinite_loss)])]
-    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
-                            callbacks=callbacks, tokens_per_step=tokens_per_step)
+        # 11. Train, then save the model, tokenizer and training state.
+        results = {}
+        if training_args.do_train:
+            train_result = trainer.train(resume_from_checkpoint=checkpoint)
+            if stop_on_signal.signal:
+                raise Interrupted(stop_on_signal.signal, trainer.state.global_step, training_args.output_dir)
+            save_final_model(trainer)
+            # A stream has no length: count the blocks trained on instead.
+            train_samples = (trainer.state.global_step * tokens_per_step // max_seq_length if data_args.streaming
+                             else len(train_dataset))
+            train_metrics = dict(train_result.metrics, train_samples=train_samples)
+            trainer.log_metrics("train", train_metrics)
+            trainer.save_metrics("train", train_metrics)
+            trainer.save_state()
+            results.update(train_metrics)
+            distributed.log_replica_checksums(trainer, tokenizer)
 
-    # 11. Train, then save the model, tokenizer and training state.
-    results = {}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        if stop_on_signal.signal:
-            raise Interrupted(stop_on_signal.signal, trainer.state.global_step, training_args.output_dir)
-        save_final_model(trainer)
-        # A stream has no length: count the blocks trained on instead.
-        train_samples = (trainer.state.global_step * tokens_per_step // max_seq_length if data_args.streaming
-                         else len(train_dataset))
-        train_metrics = dict(train_result.metrics, train_samples=train_samples)
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-        results.update(train_metrics)
-        distributed.log_replica_checksums(trainer, tokenizer)
+        # 12. Evaluate: loss, perplexity and masked-token accuracy.
+        if training_args.do_eval:
+            eval_metrics = trainer.evaluate()
+            if compilations is not None and trainer.is_world_process_zero():
+                compilations.save(training_args.output_dir)
+            eval_metrics["perplexity"] = metrics.perplexity(eval_metrics["eval_loss"])
+            eval_metrics["eval_samples"] = len(eval_dataset)
+            trainer.log_metrics("eval", eval_metrics)
+            trainer.save_metrics("eval", eval_metrics)
+            results.update(eval_metrics)
 
-    # 12. Evaluate: loss, perplexity and masked-token accuracy.
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        if compilations is not None and trainer.is_world_process_zero():
-            compilations.save(training_args.output_dir)
-        eval_metrics["perplexity"] = metrics.perplexity(eval_metrics["eval_loss"])
-        eval_metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        results.update(eval_metrics)
-
-    # 13. The loss plot, the model card and the run's arguments (an args file that reruns it),
-    #     then fill-mask predictions with the trained model.
-    if training_args.do_train and trainer.is_world_process_zero():
-        try:
-            plot = plot_run(training_args.output_dir).name
-        except UsageError as e:  # a run shorter than --logging_steps has no curve to draw
-            logger.info("No loss plot: %s", e)
-            plot = None
-        write_run_args(training_args.output_dir, run_args)
-        write_model_card(
-            training_args.output_dir, trainer.model, model_args, data_args, training_args, trainer.state, results,
-            max_seq_length, tokenizer_source, tokenizer.mask_token, sys.argv[1:] if argv is None else argv,
-            tokens_per_step=tokens_per_step, plot=plot, data_stats=data_stats,
-        )
-    if data_args.fill_mask_sentences and trainer.is_world_process_zero():
-        predictions = predict_masks(trainer.model, tokenizer, data_args.fill_mask_sentences,
-                                    data_args.fill_mask_top_k)
-        print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
-              flush=True)
-    if training_args.should_save:
-        unlock_output_dir(training_args.output_dir)
+        # 13. The loss plot, the model card and the run's arguments (an args file that reruns it),
+        #     then fill-mask predictions with the trained model.
+        if training_args.do_train and trainer.is_world_process_zero():
+            try:
+                plot = plot_run(training_args.output_dir).name
+            except UsageError as e:  # a run shorter than --logging_steps has no curve to draw
+                logger.info("No loss plot: %s", e)
+                plot = None
+            write_run_args(training_args.output_dir, run_args)
+            write_model_card(
+                training_args.output_dir, trainer.model, model_args, data_args, training_args, trainer.state, results,
+                max_seq_length, tokenizer_source, tokenizer.mask_token, sys.argv[1:] if argv is None else argv,
+                tokens_per_step=tokens_per_step, plot=plot, data_stats=data_stats,
+            )
+        if data_args.fill_mask_sentences and trainer.is_world_process_zero():
+            predictions = predict_masks(trainer.model, tokenizer, data_args.fill_mask_sentences,
+                                        data_args.fill_mask_top_k)
+            print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
+                  flush=True)
     return results
 
 

@@ -84,6 +84,26 @@ def test_loss_plot_is_written_and_can_be_redrawn(run, tmp_path):
     assert empty.returncode == 2 and "has no trainer_state.json" in empty.stderr
 
 
+def test_loss_plot_has_a_tokens_axis_and_leaves_the_backend_alone(run):
+    import matplotlib
+
+    from utils.plot_metrics import draw_run, find_trainer_state, plot_run, read_history
+
+    out, _ = run
+    assert read_history(find_trainer_state(out))["tokens_per_step"] == 16 * 32  # batch x block length
+    figure = draw_run(out)
+    labels = [axis.get_xlabel() for parent in figure.axes for axis in (parent, *parent.child_axes)]
+    assert "tokens seen" in labels and "optimizer step" in labels
+    # Drawing does not switch the process's backend (a notebook's inline plots keep working).
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_run(out)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+
+
 def test_tensorboard_logs_tokens_per_second_and_accuracy(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

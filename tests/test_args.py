@@ -163,3 +163,33 @@ def test_every_argument_is_documented_in_help_and_readme(group):
     for f in dataclasses.fields(group):
         assert len(f.metadata.get("help", "")) > 15, f"{f.name} has no help text"
         assert f"| `{f.name}` |" in readme, f"{f.name} is missing from the README's argument table"
+
+
+def test_transformers_own_checks_become_one_line(corpus, tmp_path):
+    with pytest.raises(UsageError, match=r"load_best_model_at_end requires the save and eval strategy to match"):
+        parse(["--model_type", "bert", "--train_file", str(corpus), "--output_dir", str(tmp_path),
+               "--load_best_model_at_end", "--eval_strategy", "steps", "--save_strategy", "epoch"])
+
+
+def test_a_list_for_a_single_valued_key_names_the_key(tmp_path, corpus):
+    path = write(tmp_path / "a.yaml", f"model_type: bert\ntrain_file: {corpus}\nmax_seq_length: [64, 128]\n")
+    with pytest.raises(UsageError, match=r"args file .*a\.yaml: max_seq_length takes one value, not a list"):
+        parse([path])
+
+
+def test_a_bug_in_a_check_keeps_its_traceback(corpus, tmp_path, monkeypatch):
+    """Only the user's mistakes become one line: an unexpected exception is not disguised as one."""
+    def broken(self):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(DataTrainingArguments, "__post_init__", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        parse(["--model_type", "bert", "--train_file", str(corpus), "--output_dir", str(tmp_path)])
+
+    def broken_value(self):
+        raise ValueError("a bug's ValueError")
+
+    monkeypatch.setattr(DataTrainingArguments, "__post_init__", broken_value)
+    with pytest.raises(ValueError, match="a bug's ValueError") as info:
+        parse(["--model_type", "bert", "--train_file", str(corpus), "--output_dir", str(tmp_path)])
+    assert not isinstance(info.value, UsageError)

@@ -127,13 +127,18 @@ def test_premasked_rows_of_unequal_length_are_padded_with_ignored_labels(tokeniz
 def seeded(tokenizer, **layout):
     args = SimpleNamespace(seed=11, process_index=layout.get("rank", 0), world_size=layout.get("world_size", 1),
                            gradient_accumulation_steps=layout.get("accumulation_steps", 1), dataloader_num_workers=0)
-    return build_collator(tokenizer, data_args(), args, start_step=layout.get("start_step", 0))
+    return build_collator(tokenizer, data_args(), args)
+
+
+def masked(collator, rows, step, micro=0):
+    """What MLMTrainer does with a batch: collate (pad), then mask as micro-batch `micro` of `step`."""
+    return collator.mask_batch(collator(rows), step, micro)
 
 
 def test_seeded_masks_keep_the_rate_and_the_80_10_10_split(tokenizer):
     rows = blocks(tokenizer, n_rows=2000)
     original = torch.tensor([r["input_ids"] for r in rows])
-    batch = seeded(tokenizer)(rows)
+    batch = masked(seeded(tokenizer), rows, step=0)
     labelled = batch["labels"] != -100
     maskable = ~torch.isin(original, torch.tensor(tokenizer.all_special_ids))
     assert (labelled & ~maskable).sum() == 0
@@ -147,34 +152,36 @@ def test_seeded_masks_keep_the_rate_and_the_80_10_10_split(tokenizer):
 def test_masks_are_the_same_on_one_or_two_processes_and_with_accumulation(tokenizer):
     rows = blocks(tokenizer, n_rows=16)
     whole = seeded(tokenizer)
-    steps = [whole(rows), whole(rows)]  # two optimizer steps of 16 rows on one process
+    steps = [masked(whole, rows, 0), masked(whole, rows, 1)]  # two optimizer steps of 16 rows on one process
     # Two processes of 8 rows each: rank r holds rows [8r, 8r + 8) of the global batch.
     for rank in (0, 1):
         part = seeded(tokenizer, rank=rank, world_size=2)
-        for step in steps:
-            got = part(rows[8 * rank: 8 * rank + 8])
-            assert torch.equal(got["labels"], step["labels"][8 * rank: 8 * rank + 8])
-            assert torch.equal(got["input_ids"], step["input_ids"][8 * rank: 8 * rank + 8])
+        for step, expected in enumerate(steps):
+            got = masked(part, rows[8 * rank: 8 * rank + 8], step)
+            assert torch.equal(got["labels"], expected["labels"][8 * rank: 8 * rank + 8])
+            assert torch.equal(got["input_ids"], expected["input_ids"][8 * rank: 8 * rank + 8])
     # One process, two accumulation steps of 8 rows: micro-batch m holds rows [8m, 8m + 8).
     accumulating = seeded(tokenizer, accumulation_steps=2)
-    for step in steps:
+    for step, expected in enumerate(steps):
         for micro in (0, 1):
-            got = accumulating(rows[8 * micro: 8 * micro + 8])
-            assert torch.equal(got["labels"], step["labels"][8 * micro: 8 * micro + 8])
+            got = masked(accumulating, rows[8 * micro: 8 * micro + 8], step, micro)
+            assert torch.equal(got["labels"], expected["labels"][8 * micro: 8 * micro + 8])
     # Two processes with two accumulation steps each: 4 rows per micro-batch.
     for rank in (0, 1):
         both = seeded(tokenizer, rank=rank, world_size=2, accumulation_steps=2)
-        for step in steps:
+        for step, expected in enumerate(steps):
             for micro in (0, 1):
                 first = (micro * 2 + rank) * 4
-                got = both(rows[first: first + 4])
-                assert torch.equal(got["labels"], step["labels"][first: first + 4])
+                got = masked(both, rows[first: first + 4], step, micro)
+                assert torch.equal(got["labels"], expected["labels"][first: first + 4])
 
 
-def test_resumed_collator_continues_the_mask_sequence(tokenizer):
+def test_masks_depend_on_the_step_not_on_how_many_batches_came_before(tokenizer):
     rows = blocks(tokenizer, n_rows=8)
-    fresh = seeded(tokenizer)
-    sequence = [fresh(rows)["labels"] for _ in range(3)]
-    resumed = seeded(tokenizer, start_step=2)
-    assert torch.equal(resumed(rows)["labels"], sequence[2])
+    collator = seeded(tokenizer)
+    unmasked = collator(rows)
+    assert "labels" not in unmasked  # the collator only pads; the Trainer masks by step
+    assert unmasked["input_ids"].tolist() == [r["input_ids"] for r in rows]
+    sequence = [masked(collator, rows, step)["labels"] for step in range(3)]
+    assert torch.equal(masked(seeded(tokenizer), rows, 2)["labels"], sequence[2])  # a fresh collator, as on resume
     assert not torch.equal(sequence[0], sequence[1])  # each step draws new masks

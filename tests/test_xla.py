@@ -55,6 +55,7 @@ def test_tpu_config_trains_evaluates_with_accuracy_and_saves(xla_run):
     output = result.stdout + result.stderr  # under XLA, logs go through torch_xla's stderr handler
     assert "device xla:0" in output
     assert "XLA: set --optim adamw_torch" in output
+    assert "XLA: nan/inf gradients are not checked (--nonfinite_loss has no effect on XLA" in output
     results = json.loads((out / "all_results.json").read_text())
     # The reference switches metrics off on TPU; here accuracy and perplexity are reported.
     assert 0 < results["eval_accuracy"] <= 1 and results["perplexity"] > 1
@@ -92,3 +93,12 @@ def test_model_saved_on_xla_gives_the_same_eval_loss_in_plain_torch(xla_run, cor
 
 def test_xla_environment_is_not_used_by_the_main_one():
     assert "xla" not in sys.executable
+
+
+def test_nonfinite_skip_is_refused_on_xla_and_stop_is_announced():
+    from utils.errors import UsageError
+    from utils.xla import nonfinite_check_note
+
+    with pytest.raises(UsageError, match="--nonfinite_loss skip is not supported on XLA"):
+        nonfinite_check_note("skip")
+    assert "not checked" in nonfinite_check_note("stop")

@@ -6,6 +6,8 @@ import difflib
 import json
 import os
 import sys
+import traceback
+import typing
 from pathlib import Path
 
 import yaml
@@ -48,24 +50,47 @@ def _check_known_keys(parser: HfArgumentParser, values: dict, path: str) -> None
             raise UsageError(f"args file {path}: unknown key {key!r}{hint}")
 
 
+def _check_value_shapes(parser: HfArgumentParser, values: dict, path: str) -> None:
+    """A list or a mapping for a flag that takes one value is a mistake in the file: say which key."""
+    # The annotations, not the fields' types: HfArgumentParser rewrites those (a union becomes str).
+    types = {name: str(hint) for cls in parser.dataclass_types for name, hint in typing.get_type_hints(cls).items()}
+    for key, value in values.items():
+        kind = {list: "list", dict: "dict"}.get(type(value))
+        if kind and key in types and kind not in types[key].lower():
+            raise UsageError(f"args file {path}: {key} takes one value, not a {kind} ({value!r})")
+
+
+# Where transformers and accelerate check argument values (TrainingArguments.__post_init__,
+# the parser): a ValueError raised there is about the user's values, not a bug.
+_ARGUMENT_CHECKS = ("/transformers/training_args.py", "/transformers/hf_argparser.py", "/accelerate/")
+
+
+def _raised_by_argument_checks(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and any(part in frames[-1].filename.replace(os.sep, "/") for part in _ARGUMENT_CHECKS)
+
+
 def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
     """Parse `[ARGS_FILE] [--flag value ...]` into the parser's dataclasses.
 
     Values from the args file become the parser's defaults, so flags given after the
     file override them and `--help` shows them. The dataclasses' `__post_init__` checks
-    run on the merged values.
+    run on the merged values: ours raise UsageError; a ValueError from transformers' own
+    checks becomes one too. Any other exception is a bug and keeps its traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith(ARGS_FILE_SUFFIXES):
         path = argv.pop(0)
         values = read_args_file(path)
         _check_known_keys(parser, values, path)
-        # A list given for a single-valued flag (or the reverse) is taken as written.
+        _check_value_shapes(parser, values, path)
+        # A single value for a flag that takes several is taken as a list of one (__post_init__).
         parser.set_defaults(**values)
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except (ValueError, TypeError) as e:
-        # Field checks of the dataclasses (ours and transformers') raise these on bad values.
+    except ValueError as e:
+        if isinstance(e, UsageError) or not _raised_by_argument_checks(e):
+            raise
         raise UsageError(one_line(e, limit=1000)) from e
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -86,47 +87,65 @@ def check_checkpoint_fits(checkpoint: str | None, config, output_dir: str) -> No
 
 
 LOCK_FILE = ".run_mlm.lock"
-_held_locks = []  # open lock files, kept for the life of the process
+OWNER_FILE = ".run_mlm.owner"
+_held_locks: dict[str, object] = {}  # output_dir -> its FileLock, held for the life of the run
 
 
 def lock_output_dir(output_dir: str) -> None:
     """Take an exclusive lock on `output_dir`, or stop if another run holds it.
 
     Two runs writing the same checkpoints would corrupt each other. The lock is an OS file
-    lock (flock): released when the process ends, however it ends, so a killed run never
-    leaves a stale lock behind. On network filesystems without flock support it is a no-op.
+    lock (`filelock`: flock on Linux/macOS, msvcrt on Windows), released when the process
+    ends, however it ends, so a killed run never leaves a stale lock behind. Who holds it
+    is written beside it, for the message the second run prints.
     """
-    import fcntl
     import socket
     import time
 
+    from filelock import FileLock, Timeout
+
     os.makedirs(output_dir, exist_ok=True)
-    handle = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    lock = FileLock(os.path.join(output_dir, LOCK_FILE), timeout=0)
+    owner_file = os.path.join(output_dir, OWNER_FILE)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise UsageError(f"--output_dir {output_dir} is in use by another run ({owner}); wait for it to finish, "
-                         "or give this run another --output_dir") from None
-    except OSError:  # no flock on this filesystem
-        logger.warning("Cannot lock --output_dir %s (no file locks on this filesystem); make sure no other run "
-                       "writes to it", output_dir)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    _held_locks.append(handle)
+        lock.acquire()
+    except Timeout:
+        try:
+            with open(owner_file, encoding="utf-8") as f:
+                owner = f.read().strip()
+        except OSError:
+            owner = ""
+        raise UsageError(f"--output_dir {output_dir} is in use by another run ({owner or 'another process'}); wait "
+                         "for it to finish, or give this run another --output_dir") from None
+    except OSError as e:  # no file locks on this filesystem
+        logger.warning("Cannot lock --output_dir %s (%s); make sure no other run writes to it", output_dir, e)
+        return
+    with open(owner_file, "w", encoding="utf-8") as f:
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    _held_locks[os.path.abspath(output_dir)] = lock
 
 
 def unlock_output_dir(output_dir: str) -> None:
-    """Release the lock at the end of a finished run and remove the lock file."""
-    for handle in list(_held_locks):
-        if os.path.dirname(handle.name) == output_dir.rstrip("/"):
-            try:
-                os.unlink(handle.name)
-            except OSError:
-                pass
-            handle.close()
-            _held_locks.remove(handle)
+    """Release the lock on `output_dir` taken by this process, and remove its files."""
+    lock = _held_locks.pop(os.path.abspath(output_dir), None)
+    if lock is None:
+        return
+    for name in (OWNER_FILE, LOCK_FILE):
+        try:
+            os.unlink(os.path.join(output_dir, name))
+        except OSError:
+            pass
+    lock.release()
+
+
+@contextlib.contextmanager
+def locked_output_dir(output_dir: str, enabled: bool = True):
+    """`lock_output_dir` for the duration of the block (no-op when not `enabled`), released on any exit."""
+    if not enabled:
+        yield
+        return
+    lock_output_dir(output_dir)
+    try:
+        yield
+    finally:
+        unlock_output_dir(output_dir)

@@ -1,4 +1,12 @@
-"""Errors a user can cause, reported as one line instead of a traceback."""
+"""Errors a run reports as one line with a documented exit status, instead of a traceback.
+
+Exit statuses of `run_mlm.py` and the tools in utils/:
+    0    finished
+    2    usage error: bad input or contradictory settings (`error: ...`), nothing written
+    3    training diverged: nan/inf gradients with `--nonfinite_loss stop` (`diverged: ...`)
+    130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM, after saving a checkpoint (`stopped: ...`)
+Anything else (1 with a traceback) is a bug or a failure outside the run's control.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,17 @@ import os
 import sys
 
 
-class UsageError(ValueError):
+class RunError(Exception):
+    """A run ended for a reason the user can act on: one line on stderr, and `exit_code`."""
+
+    exit_code = 1
+    prefix = "error"
+
+
+class UsageError(RunError, ValueError):
     """Bad input or contradictory settings: the message names the flag or file and the fix."""
+
+    exit_code = 2
 
 
 def one_line(error: Exception, limit: int = 300) -> str:
@@ -17,19 +34,20 @@ def one_line(error: Exception, limit: int = 300) -> str:
 
 
 def exit_on_usage_error(fn):
-    """Run `fn`; turn a UsageError into `error: <message>` on stderr and exit status 2.
+    """Run `fn`; turn a RunError into `<prefix>: <message>` on stderr and its exit status.
 
-    Set RUN_MLM_DEBUG=1 to see the full traceback instead.
+    Other exceptions keep their traceback. Set RUN_MLM_DEBUG=1 to see the traceback of a
+    RunError too.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UsageError as e:
+        except RunError as e:
             if os.environ.get("RUN_MLM_DEBUG"):
                 raise
-            print(f"{getattr(e, 'prefix', 'error')}: {e}", file=sys.stderr)
-            sys.exit(getattr(e, "exit_code", 2))
+            print(f"{e.prefix}: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
     return wrapper

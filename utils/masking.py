@@ -22,40 +22,54 @@ class MLMCollator(DataCollatorForLanguageModeling):
     With `seed` set, the masks of a training batch are a function of the seed, the
     optimizer step and the row's position in the global batch only: every process draws
     the random numbers of the whole global batch (all processes, all accumulation steps)
-    and keeps its own rows. A run on 1 or N processes, with or without gradient
-    accumulation, or resumed from a checkpoint (`start_step`) therefore masks the same
-    tokens of the same examples. This needs rows of equal length (packed blocks or
-    `pad_to_max_length`) and `dataloader_num_workers` 0; otherwise, and with whole-word
-    masking, masks come from the process's random generator as in transformers.
+    and keeps its own rows. The collator then only pads; `mask_batch` draws the masks on
+    the main process, where the optimizer step is known (`utils.training.MLMTrainer` calls
+    it for each step's batches). A run on 1 or N processes, with 0 or N dataloader workers,
+    with or without gradient accumulation, or resumed from a checkpoint therefore masks the
+    same tokens of the same examples. This needs rows of equal length (packed blocks or
+    `pad_to_max_length`); with whole-word masking, masks come from the process's random
+    generator as in transformers.
 
     Rows that already carry `labels` (the evaluation set, masked once) are only padded.
-    The special-token mask comes from one `torch.isin` instead of a Python loop per row.
+    The special-token mask comes from one comparison instead of a Python loop per row.
     """
 
     rank: int = 0
     world_size: int = 1
     accumulation_steps: int = 1
-    start_step: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
         self.mask_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.mask_token)
-        self._calls = 0
+
+    @property
+    def masks_by_step(self) -> bool:
+        """Whether batches leave the collator unmasked, for `mask_batch` to mask by optimizer step."""
+        return self.seed is not None and not self.whole_word_mask
 
     def torch_call(self, examples):
         if isinstance(examples[0], dict) and "labels" in examples[0]:
             return self._pad_premasked(examples)
         if self.whole_word_mask and isinstance(examples[0], dict) and "offset_mapping" in examples[0]:
             examples = _pad_offsets(examples, self.pad_to_multiple_of)
-        if self.seed is None or self.whole_word_mask:
+        if not self.masks_by_step:
             return super().torch_call(examples)
-        # The parent would seed one generator per process; our draws are per step instead.
+        # Masked later by `mask_batch`: a dataloader worker knows neither the optimizer step
+        # nor where its batch falls in it.
         batch = self._pad(examples)
         batch.pop("special_tokens_mask", None)
-        step, micro = divmod(self._calls, self.accumulation_steps)
-        self._calls += 1
-        generator = torch.Generator().manual_seed(self.seed * _STEP_STRIDE + self.start_step + step)
+        return batch
+
+    def mask_batch(self, batch: dict, step: int, micro: int = 0) -> dict:
+        """Mask a padded batch as micro-batch `micro` of optimizer step `step` on this process (in place).
+
+        The generator is seeded by (seed, step): the same step draws the same numbers on
+        every process and in every run, whatever the data loader did before.
+        """
+        if "labels" in batch:  # masked already (the evaluation set, or the parent's masking)
+            return batch
+        generator = torch.Generator().manual_seed(self.seed * _STEP_STRIDE + step)
         rows = batch["input_ids"].shape[0]
         first_row = (micro * self.world_size + self.rank) * rows
         global_rows = rows * self.world_size * self.accumulation_steps
@@ -82,22 +96,25 @@ class MLMCollator(DataCollatorForLanguageModeling):
         """Mask `inputs` as rows [first_row, first_row + len(inputs)) of a draw over `global_rows` rows.
 
         Returns (masked inputs, labels): labels hold the original id where a token was
-        selected and -100 elsewhere. Special tokens are never selected.
+        selected and -100 elsewhere. Special tokens are never selected. The numbers are drawn
+        on the CPU and the rest runs where `inputs` are, with fixed shapes (no boolean
+        indexing), so that a batch already on a GPU or XLA device stays there.
         """
         rows, length = inputs.shape
         shape = (global_rows or rows, length)
         mine = slice(first_row, first_row + rows)
-        select = torch.rand(shape, generator=generator)[mine]
-        replace = torch.rand(shape, generator=generator)[mine]
-        random_ids = torch.randint(len(self.tokenizer), shape, generator=generator)[mine]
+        device = inputs.device
+        select = torch.rand(shape, generator=generator)[mine].to(device)
+        replace = torch.rand(shape, generator=generator)[mine].to(device)
+        random_ids = torch.randint(len(self.tokenizer), shape, generator=generator)[mine].to(device)
 
-        selected = (select < self.mlm_probability) & ~torch.isin(inputs, self.special_ids)
+        special = (inputs.unsqueeze(-1) == self.special_ids.to(device)).any(-1)
+        selected = (select < self.mlm_probability) & ~special
         labels = torch.where(selected, inputs, torch.full_like(inputs, -100))
         as_mask = selected & (replace < self.mask_replace_prob)
         as_random = selected & ~as_mask & (replace < self.mask_replace_prob + self.random_replace_prob)
-        masked = inputs.clone()
-        masked[as_mask] = self.mask_token_id
-        masked[as_random] = random_ids[as_random]
+        masked = torch.where(as_mask, torch.full_like(inputs, self.mask_token_id), inputs)
+        masked = torch.where(as_random, random_ids.to(inputs.dtype), masked)
         return masked, labels
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
@@ -166,8 +183,8 @@ def mask_eval_dataset(dataset, collator: MLMCollator, seed: int):
     )
 
 
-def build_collator(tokenizer, data_args, training_args=None, start_step: int = 0) -> MLMCollator:
-    """The collator configured from the arguments; reproducible masks when `training_args` allow them."""
+def build_collator(tokenizer, data_args, training_args=None) -> MLMCollator:
+    """The collator configured from the arguments; masks keyed by optimizer step when `training_args` are given."""
     mask_replace_prob, random_replace_prob = data_args.mask_replace_prob, data_args.random_replace_prob
     if data_args.whole_word_mask and mask_replace_prob < 1:
         # transformers replaces whole words only with the mask token; say so once, plainly.
@@ -175,13 +192,12 @@ def build_collator(tokenizer, data_args, training_args=None, start_step: int = 0
                     "(--mask_replace_prob 1, --random_replace_prob 0)")
         mask_replace_prob, random_replace_prob = 1.0, 0.0
     layout = {}
-    if training_args is not None and training_args.dataloader_num_workers == 0:
+    if training_args is not None:
         layout = {
             "seed": training_args.seed,
             "rank": training_args.process_index,
             "world_size": training_args.world_size,
             "accumulation_steps": training_args.gradient_accumulation_steps,
-            "start_step": start_step,
         }
     # Rows padded to the longest of the batch (line_by_line) get lengths that suit matrix
     # units (tensor cores, AMX tiles) unless the user chose a multiple.

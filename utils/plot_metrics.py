@@ -40,25 +40,36 @@ def read_history(state_file: Path) -> dict:
         for key in series:
             if key in entry:
                 series[key].append((entry["step"], entry[key]))
-        if "num_input_tokens_seen" in entry and entry.get("step"):
-            tokens.append((entry["step"], entry["num_input_tokens_seen"]))
+        # run_mlm logs `tokens_seen` (utils.training.ThroughputCallback); the Trainer's own
+        # counter (--include_num_input_tokens_seen) is `num_input_tokens_seen`.
+        seen = entry.get("tokens_seen", entry.get("num_input_tokens_seen"))
+        if seen is not None and entry.get("step"):
+            tokens.append((entry["step"], seen))
     series["tokens_per_step"] = tokens[-1][1] / tokens[-1][0] if tokens else None
     return series
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the loss-curve PNG of the run in `run_dir`; returns its path."""
-    import matplotlib
+    out = Path(out) if out else Path(run_dir) / PLOT_FILE
+    draw_run(run_dir).savefig(out, dpi=110)
+    return out
 
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+
+def draw_run(run_dir: str | Path):
+    """The loss-curve figure of the run in `run_dir` (a matplotlib Figure, not shown anywhere)."""
+    # A Figure drawn by the Agg canvas directly: no pyplot, so the process's matplotlib
+    # backend (a notebook's inline plots) is left as it was.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     series = read_history(find_trainer_state(run_dir))
     if not series["loss"] and not series["eval_loss"]:
         raise UsageError(f"{run_dir}: the trainer state logged no loss yet (raise --logging_steps frequency)")
-    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
-                                                gridspec_kw={"height_ratios": [3, 1]})
+    figure = Figure(figsize=(8, 6.5))
+    FigureCanvasAgg(figure)
+    loss_axis, lr_axis = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if series["loss"]:
         loss_axis.plot(*zip(*series["loss"]), label="train loss", color="tab:blue", linewidth=1.2)
     if series["eval_loss"]:
@@ -78,10 +89,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         tokens_axis = loss_axis.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         tokens_axis.set_xlabel("tokens seen")
     figure.tight_layout()
-    out = Path(out) if out else run_dir / PLOT_FILE
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    return figure
 
 
 @exit_on_usage_error

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import os
 import signal
@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
-from utils.errors import UsageError
+from utils.errors import RunError
 from utils.metrics import MaskedAccuracy
 from utils.mlm_head import predictions_at_labels
 
@@ -72,8 +72,11 @@ class ThroughputCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
 
-class NonFiniteGradients(UsageError):
-    """Training stopped because a step's gradients were nan or inf."""
+class NonFiniteGradients(RunError):
+    """Training stopped because a step's gradients were nan or inf (exit status 3)."""
+
+    exit_code = 3
+    prefix = "diverged"
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -123,7 +126,8 @@ class GracefulStop(TrainerCallback):
     The signal only sets a flag; at the end of the current step the Trainer saves a
     checkpoint and leaves its loop, and the run exits without writing a final model, so
     that running the same command again resumes. A second signal stops at once. The
-    launcher sends the signal to every process, so all of them stop at the same step.
+    launcher sends the signal to every process, so all of them stop at the same step. Used
+    as a context manager, it also restores the handlers when the run raises.
     """
 
     def __init__(self):
@@ -149,9 +153,39 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers they had before training began."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        # A run that raised never reached on_train_end: do not leave our handlers behind.
+        self.restore()
+
+
+class MLMTrainer(Trainer):
+    """The Trainer, with training masks drawn per optimizer step on the main process.
+
+    `get_batch_samples` gathers the batches of one optimizer step; masking them there, by
+    (seed, step, micro-batch), makes the masks independent of dataloader workers (each with
+    its own copy of the collator), of a short last accumulation at an epoch end, and of the
+    batches a resume skips or replays. It also comes before the Trainer counts the labelled
+    tokens of the step, which the loss is averaged over.
+    """
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        collator = self.data_collator
+        if getattr(collator, "masks_by_step", False):
+            step = self.state.global_step
+            epoch_iterator = (collator.mask_batch(batch, step, micro)
+                              for micro, batch in enumerate(itertools.islice(epoch_iterator, num_batches)))
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
@@ -160,7 +194,7 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, 
     adjust_training_args(training_args)
     accuracy = MaskedAccuracy() if eval_dataset is not None else None
     callbacks = [*(callbacks or []), *([accuracy] if accuracy else [])]
-    trainer = Trainer(
+    trainer = MLMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -184,18 +218,7 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, 
     return trainer
 
 
-def checkpoint_step(checkpoint: str | None) -> int:
-    """The optimizer step a checkpoint was saved at (0 without one)."""
-    if checkpoint is None:
-        return 0
-    state = os.path.join(checkpoint, "trainer_state.json")
-    if not os.path.exists(state):
-        return 0
-    with open(state, encoding="utf-8") as f:
-        return int(json.load(f).get("global_step", 0))
-
-
-class Interrupted(UsageError):
+class Interrupted(RunError):
     """The run was stopped by a signal after saving a checkpoint; the same command resumes it."""
 
     prefix = "stopped"

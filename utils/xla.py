@@ -14,6 +14,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.training_args import OptimizerNames
 
+from utils.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 COMPILATIONS_FILE = "xla_compilations.json"
@@ -38,6 +40,19 @@ def adapt_for_xla(training_args, data_args) -> list[str]:
         training_args.optim = OptimizerNames.ADAMW_TORCH
         changes.append("--optim adamw_torch (the fused AdamW kernel does not take XLA tensors)")
     return changes
+
+
+def nonfinite_check_note(mode: str) -> str:
+    """What becomes of --nonfinite_loss on XLA, as a line to log; `skip` is refused.
+
+    The check reads every step's gradient norm on the host, which would cut the XLA graph
+    (and force a compilation or a sync) every step.
+    """
+    if mode == "skip":
+        raise UsageError("--nonfinite_loss skip is not supported on XLA (TPU): reading each step's gradients would "
+                         "cut the graph every step; drop it, and watch the logged loss for nan")
+    return ("nan/inf gradients are not checked (--nonfinite_loss has no effect on XLA: the check would cut the "
+            "graph every step); watch the logged loss for nan")
 
 
 def trim_to_full_batches(dataset, per_device_batch_size: int, world_size: int):
