@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import data, distributed, metrics, modeling, prepare_dataset, streaming, xla
+from utils import data, distributed, metrics, modeling, prepared, streaming, xla
 from utils import tokenizer as tokenizers
-from utils.args import given_keys, move_hub_token_to_env, parse_args
+from utils.args import given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, locked_output_dir
 from utils.corpus import BUILTIN_CORPORA
 from utils.cpu import speed_up_for_cpu
@@ -311,10 +311,14 @@ def check_run_arguments(model_args, data_args, training_args) -> None:
         raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs in")
 
 
-def main(argv: list[str] | None = None) -> dict:
+@leaves_environment_as_found
+def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     """Run one training: parse, load data, tokenize, build the model, train, evaluate, save. Returns the metrics.
 
-    Bad input raises UsageError; run as a script, that becomes one `error:` line and exit status 2.
+    Bad input raises UsageError; run as a script, that becomes one `error:` line and exit
+    status 2 (utils/errors.py lists the others). Called in-process (a notebook, the tests),
+    the run leaves the process's settings as it found them; only the script
+    (`command_line=True`) changes process-wide ones, such as how glibc's malloc keeps memory.
     """
     # 1. Arguments: an optional args file, then flags. Processes started on a machine without
     #    GPUs join one gloo group (set before TrainingArguments picks the device).
@@ -358,10 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, tokenizer_source = tokenizers.load_or_train_tokenizer(
         model_args, data_args, raw_datasets, checkpoint, training_args
     )
-    prepared = manifest = None
+    blocks = manifest = None
     data_stats: dict = {}  # per split: tokens, characters, tokens lost (for the log and the model card)
     if data_args.tokenized_dataset_path:
-        prepared, manifest = prepare_dataset.load_prepared(data_args.tokenized_dataset_path, tokenizer, data_args)
+        blocks, manifest = prepared.load_prepared(data_args.tokenized_dataset_path, tokenizer, data_args)
         data_stats = manifest["splits"]
 
     # 7. Model configuration, and the block length it and the tokenizer can take.
@@ -391,19 +395,19 @@ def main(argv: list[str] | None = None) -> dict:
             distributed.process_logger.info("Process %d of %d streams its own share of the training text: texts "
                                             "%d, %d, %d, ...", rank, world, rank, rank + world, rank + 2 * world)
     else:
-        if prepared is None:
+        if blocks is None:
             with distributed.main_process_first(training_args, "tokenizing"):
                 started = time.time()
-                prepared = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length,
+                blocks = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length,
                                                     stats=data_stats)
-            distributed.report_cache_reuse(prepared, started, training_args)
+            distributed.report_cache_reuse(blocks, started, training_args)
         if training_args.do_train:
-            train_dataset = data.truncate(prepared["train"], data_args.max_train_samples)
+            train_dataset = data.truncate(blocks["train"], data_args.max_train_samples)
         if training_args.do_eval:
-            if "validation" not in prepared:
+            if "validation" not in blocks:
                 raise UsageError(f"--do_eval: {data_args.tokenized_dataset_path} has no validation split; prepare "
                                  "it with --validation_file or --validation_split_percentage, or drop --do_eval")
-            eval_dataset = data.truncate(prepared["validation"], data_args.max_eval_samples)
+            eval_dataset = data.truncate(blocks["validation"], data_args.max_eval_samples)
     if training_args.do_eval:
         # Masked once with a fixed seed: every evaluation scores the same positions.
         with distributed.main_process_first(training_args, "masking the evaluation set"):
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     sparse = model_args.sparse_prediction and not xla.on_xla(training_args)
     logger.info("MLM head: %s", install_mlm_head(model, sparse=sparse))
     if training_args.device.type == "cpu":
-        for change in speed_up_for_cpu(model):
+        for change in speed_up_for_cpu(model, reuse_memory=command_line):
             logger.info("CPU: %s", change)
 
     # All input is checked: from here on this run writes to output_dir, and no other run may.
@@ -489,4 +493,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    exit_on_usage_error(main)()
+    exit_on_usage_error(main)(command_line=True)

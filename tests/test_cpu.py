@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from utils.cpu import FastDropout, cpu_attention, keep_mask, speed_up_for_cpu
+from utils.cpu import FastDropout, cpu_attention, keep_mask, matmul_attention, speed_up_for_cpu
 
 
 def test_keep_mask_rate_shape_and_unbiased_lanes():
@@ -43,17 +43,23 @@ def test_fast_dropout_keeps_the_expectation_and_is_identity_in_eval():
     assert torch.equal(dropout(x), x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_attention_equals_sdpa_with_padding_mask(dtype):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+def attention_inputs(dtype):
     torch.manual_seed(0)
-    module = torch.nn.Module().train()
-    module.is_causal = False
     q, k, v = (torch.randn(2, 4, 10, 8, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = torch.zeros(2, 1, 10, 10, dtype=dtype)
     mask[1, :, :, 7:] = torch.finfo(dtype).min  # row 2 pads its last 3 keys
-    ours, _ = cpu_attention(module, q, k, v, mask, dropout=0.0)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_attention_equals_sdpa_with_padding_mask(dtype):
+    """The matmul path itself (which cpu_attention takes when training with dropout, or in bf16) against SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module().train()
+    module.is_causal = False
+    q, k, v, mask = attention_inputs(dtype)
+    ours = matmul_attention(q, k, v, mask, dropout=0.0)
     ours.float().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
@@ -64,6 +70,36 @@ def test_cpu_attention_equals_sdpa_with_padding_mask(dtype):
     assert torch.allclose(ours.float(), reference.float(), atol=tolerance)
     for ours_grad, t in zip(grads, (q, k, v)):
         assert torch.allclose(ours_grad.float(), t.grad.float(), atol=tolerance)
+
+
+def test_matmul_attention_with_dropout_equals_attention_with_the_same_mask():
+    """With dropout, the result is softmax(...) * keep / (1 - p) @ v for the keep mask torch's seed decides."""
+    q, k, v, mask = attention_inputs(torch.float32)
+    p = 0.3
+    torch.manual_seed(5)
+    ours = matmul_attention(q, k, v, mask, dropout=p)
+    torch.manual_seed(5)
+    keep = keep_mask((2, 4, 10, 10), p)  # the same draw
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5 + mask, dim=-1)
+    reference = ((probs * keep) @ v / (1 - p)).transpose(1, 2)
+    assert 0.6 < keep.float().mean() < 0.8
+    assert torch.allclose(ours, reference, atol=1e-6)
+    assert not torch.allclose(ours, matmul_attention(q, k, v, mask, dropout=0.0), atol=1e-3)  # dropout did act
+
+
+def test_cpu_attention_takes_the_path_that_wins():
+    """fp32 without dropout goes to SDPA's fused kernel; training with dropout goes to the matmul path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module().train()
+    module.is_causal = False
+    q, k, v, mask = attention_inputs(torch.float32)
+    sdpa, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0)
+    assert torch.equal(cpu_attention(module, q, k, v, mask, dropout=0.0)[0], sdpa)
+    torch.manual_seed(1)
+    dropped, _ = cpu_attention(module, q, k, v, mask, dropout=0.2)
+    torch.manual_seed(1)
+    assert torch.equal(dropped, matmul_attention(q, k, v, mask, dropout=0.2))
 
 
 def test_model_with_speed_ups_predicts_the_same_and_saves_ordinary_checkpoints(tmp_path):

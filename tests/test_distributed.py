@@ -148,6 +148,8 @@ def test_two_processes_form_one_training(one_and_two_processes):
     # Both replicas end with the same parameters and read text with the same vocabulary.
     params = process_lines(out, "parameter")
     assert sorted(params) == [0, 1] and params[0] == params[1]
+    data = process_lines(out, "data")  # what each process trained on: its own half of every global batch
+    assert sorted(data) == [0, 1] and data[0] != data[1]
     # Rank 1 read rank 0's tokenized cache instead of tokenizing again.
     assert "Process 1 read the tokenized data from the main process's cache" in out
     assert "tokenized the data again" not in out + two.stderr

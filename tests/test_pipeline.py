@@ -281,7 +281,11 @@ def test_two_processes_stream_different_text(corpus, tmp_path):
     for rank in (0, 1):
         assert (f"Process {rank} of 2 streams its own share of the training text: texts {rank}, {rank + 2}, "
                 f"{rank + 4}, ...") in out
-    checksums = re.findall(r"Process (\d) of 2 after training: .*?parameter checksum (\w+)", out)
-    assert len(checksums) == 2 and checksums[0][1] == checksums[1][1]
+    checksums = re.findall(r"Process (\d) of 2 after training: data checksum (\w+) .*?parameter checksum (\w+)",
+                           out)
+    assert len(checksums) == 2
+    (_, data_0, parameters_0), (_, data_1, parameters_1) = checksums
+    assert parameters_0 == parameters_1  # one model
+    assert data_0 != data_1  # trained on different text: each process its own share of the stream
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert results["train_samples"] == 20 * 16 and results["eval_samples"] == 16

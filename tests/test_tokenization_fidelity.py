@@ -249,6 +249,7 @@ def test_run_mlm_trains_on_the_texts_tokens_not_on_a_tokenizers_padding(tmp_path
 
 def test_prepared_data_holds_exact_ids_and_old_padded_preparations_are_refused(tmp_path):
     from utils import prepare_dataset
+    from utils.prepared import load_prepared
 
     corpus = write_repetitive_corpus(tmp_path / "train.txt", n_lines=300)
     checkpoint = sentence_transformers_checkpoint(tmp_path, corpus)
@@ -267,19 +268,19 @@ def test_prepared_data_holds_exact_ids_and_old_padded_preparations_are_refused(t
     data_args = SimpleNamespace(max_seq_length=None, whole_word_mask=False, dataset_name=None, text_column_name=None,
                                 dataset_config_name=None, train_file=None, validation_file=None, builtin_corpus=None,
                                 validation_split_percentage=0)
-    prepare_dataset.load_prepared(str(prepared), tokenizer, data_args)  # accepted
-    prepare_dataset.load_prepared(str(prepared), exact_copy(tokenizer), data_args)  # same fingerprint without padding
+    load_prepared(str(prepared), tokenizer, data_args)  # accepted
+    load_prepared(str(prepared), exact_copy(tokenizer), data_args)  # same fingerprint without padding
     # What an earlier version wrote: format 1, with the tokenizer's padding applied to every text.
     manifest_path = prepared / "manifest.json"
     manifest["format_version"] = 1
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match=r"prepared by an earlier version that kept its tokenizer's own padding and "
                                          r"truncation \(padding .*Fixed.*16.*\): its blocks hold padding"):
-        prepare_dataset.load_prepared(str(prepared), tokenizer, data_args)
+        load_prepared(str(prepared), tokenizer, data_args)
     # A format-1 preparation whose tokenizer did not pad has exact ids: still accepted.
     saved = prepared / "tokenizer" / "tokenizer.json"
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "padding": None, "truncation": None}))
-    prepare_dataset.load_prepared(str(prepared), tokenizer, data_args)
+    load_prepared(str(prepared), tokenizer, data_args)
 
 
 def test_a_trained_tokenizer_is_exact():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import sys
@@ -118,3 +119,26 @@ def move_hub_token_to_env(training_args) -> None:
     if training_args.hub_token:
         os.environ["HF_TOKEN"] = training_args.hub_token
         training_args.hub_token = None
+
+
+def leaves_environment_as_found(main):
+    """Decorate a `main(argv=None, command_line=False)`: called in-process, it gives back os.environ as it was.
+
+    A run sets variables for itself (HF_TOKEN from --hub_token, ACCELERATE_USE_CPU for a CPU
+    process group); a notebook or a test that calls `main()` should not keep them. The
+    script itself (`command_line=True`) ends with its process, so nothing is restored.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, command_line: bool = False, **kwargs):
+        if command_line:
+            return main(*args, command_line=True, **kwargs)
+        saved = dict(os.environ)
+        try:
+            return main(*args, command_line=False, **kwargs)
+        finally:
+            for name in set(os.environ) - set(saved):
+                del os.environ[name]
+            os.environ.update(saved)
+
+    return wrapper

@@ -83,6 +83,11 @@ def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.
     if not module.training or query.device.type != "cpu" or unsupported or fused_wins:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    return matmul_attention(query, key, value, attention_mask, dropout, scaling), None
+
+
+def matmul_attention(query, key, value, attention_mask, dropout: float = 0.0, scaling=None) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) v, with dropout on the probabilities; output as (batch, seq, heads, dim)."""
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     # Scaling the queries costs a quarter of scaling the scores (head dim 32 vs sequence 128).
     scores = torch.matmul(query * scaling, key.transpose(-1, -2))
@@ -101,7 +106,7 @@ def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.
         output = torch.matmul(probs, value.to(probs.dtype))
         if dropout:
             output = output * (1.0 / (1.0 - dropout))
-    return output.transpose(1, 2).contiguous(), None
+    return output.transpose(1, 2).contiguous()
 
 
 # mallopt(3) parameters, from glibc's malloc.h.

@@ -183,11 +183,15 @@ def tokenizer_checksum(tokenizer) -> str:
 
 
 def log_replica_checksums(trainer, tokenizer) -> None:
-    """One line per process with checksums of its parameters and vocabulary (DDP: all equal)."""
+    """One line per process with checksums of the data it trained on (different on each) and of its parameters
+    and vocabulary (DDP: all equal)."""
     state = trainer.accelerator.state
     if state.num_processes <= 1 or state.distributed_type.name in ("FSDP", "DEEPSPEED"):
         return  # sharded parameters have no whole-model checksum on one rank
+    data = getattr(trainer, "data_checksum", None)
     process_logger.info(
-        "Process %d of %d after training: parameter checksum %s, tokenizer checksum %s",
-        state.process_index, state.num_processes, parameter_checksum(trainer.model), tokenizer_checksum(tokenizer),
+        "Process %d of %d after training: data checksum %s (its own batches: differs between processes), "
+        "parameter checksum %s, tokenizer checksum %s (equal on all)",
+        state.process_index, state.num_processes, "none" if data is None else f"{int(data) % 2**64:016x}",
+        parameter_checksum(trainer.model), tokenizer_checksum(tokenizer),
     )

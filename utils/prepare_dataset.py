@@ -2,39 +2,30 @@
 
     # the same args file (or flags) as the training run, plus where to write
     python -m utils.prepare_dataset configs/quickstart.yaml --tokenized_dataset_path data/quickstart-128
+    python /path/to/run_mlm/utils/prepare_dataset.py ...       # the same, from any directory
 
     # then train without touching the raw text or the tokenizer again
     accelerate launch --config_file accelerate_configs/multi_node.yaml run_mlm.py configs/quickstart.yaml \\
         --tokenized_dataset_path data/quickstart-128
 
-The directory holds one folder of Arrow shards per split (`datasets.load_from_disk`
-reads them memory-mapped), the tokenizer, and `manifest.json`: tokenizer fingerprint,
-block size, token counts and the data it came from. `run_mlm.py` refuses a directory
-whose tokenizer, block size or source differs from the run's.
+What the directory holds and how a run checks it: utils/prepared.py. The arguments are
+run_mlm.py's (a prepared dataset is what that run would tokenize), plus PrepareArguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.encoding import exact_copy
-from utils.errors import UsageError
+if __package__ in (None, ""):  # run by its path: make the checkout (utils/, run_mlm.py) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-logger = logging.getLogger("prepare_dataset")
-
-MANIFEST = "manifest.json"
-TOKENIZER_DIR = "tokenizer"
-# 2: ids exactly as `tokenizer(text)` gives them (format 1 kept the padding and truncation a
-# tokenizer.json may carry), token and character counts per split.
-FORMAT_VERSION = 2
+from utils.errors import UsageError  # noqa: E402
+from utils.prepared import check_target, write_prepared  # noqa: E402
 
 
 @dataclass
@@ -45,155 +36,11 @@ class PrepareArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing prepared dataset."})
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of everything that decides token ids: the fast tokenizer's full JSON, else the vocabulary.
-
-    Taken on the exact copy that tokenizes the data (no padding or truncation): the padding
-    state of a tokenizer object changes with every wrapper call and decides no id.
-    """
-    backend = getattr(exact_copy(tokenizer), "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def data_source(data_args) -> dict:
-    """The arguments that decide which text a prepared dataset holds (compared on reuse)."""
-    names = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "builtin_corpus",
-             "text_column_name", "validation_split_percentage", "whole_word_mask")
-    return {name: getattr(data_args, name) for name in names}
-
-
-def write_prepared(path: str, datasets, tokenizer, block_size: int, data_args, stats: dict,
-                   max_shard_size: str = "500MB", overwrite: bool = False) -> dict:
-    """Save `datasets` (blocks), the tokenizer and a manifest to `path`, atomically. Returns the manifest."""
-    target = Path(path)
-    check_target(path, overwrite)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    datasets.save_to_disk(str(tmp), max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-    import datasets as hf_datasets
-    import transformers
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "block_size": block_size,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
-        "columns": datasets[next(iter(datasets))].column_names,
-        # tokens: what the text gave; tokens_in_blocks: what training sees (less the last partial block).
-        "splits": {split: {"blocks": len(ds),
-                           "tokens": stats.get(split, {}).get("tokens", len(ds) * block_size),
-                           "tokens_in_blocks": len(ds) * block_size,
-                           "tokens_lost": stats.get(split, {}).get("tokens_lost", 0),
-                           "characters": stats.get(split, {}).get("characters")}
-                   for split, ds in datasets.items()},
-        "source": data_source(data_args),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"datasets": hf_datasets.__version__, "transformers": transformers.__version__},
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return manifest
-
-
-def check_target(path: str, overwrite: bool) -> None:
-    """Refuse to write over a non-empty directory, unless asked to and it is a prepared dataset."""
-    target = Path(path)
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise UsageError(f"--tokenized_dataset_path {path} is not empty; pass --overwrite to replace it "
-                             "or choose another directory")
-        if not (target / MANIFEST).exists():
-            raise UsageError(f"--tokenized_dataset_path {path} holds files that are not a prepared dataset; "
-                             "refusing to delete them, choose another directory")
-
-
-def read_manifest(path: str) -> dict:
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.exists():
-        what = "does not exist" if not Path(path).exists() else f"has no {MANIFEST}"
-        raise UsageError(f"--tokenized_dataset_path {path} {what}; write it with "
-                         f"`python -m utils.prepare_dataset ARGS --tokenized_dataset_path {path}`")
-    try:
-        return json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--tokenized_dataset_path {path}: {MANIFEST} is not valid JSON ({e}); "
-                         "prepare it again") from e
-
-
-def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
-    """Refuse a prepared dataset that does not fit the run: another tokenizer, block size or source."""
-    redo = f"prepare it again with this run's arguments, or use the tokenizer in {path}/{TOKENIZER_DIR}"
-    if manifest.get("format_version") == 1:
-        # Format 1 tokenized with the backend as saved: a tokenizer.json that pads or truncates
-        # (sentence-transformers') gave one padded, cut row per text. Without that, its ids are exact.
-        padded = saved_padding(Path(path) / TOKENIZER_DIR)
-        if padded:
-            raise UsageError(f"--tokenized_dataset_path {path} was prepared by an earlier version that kept its "
-                             f"tokenizer's own padding and truncation ({padded}): its blocks hold padding and cut "
-                             "texts, not the text's tokens; prepare it again (python -m utils.prepare_dataset ... "
-                             "--overwrite)")
-    elif manifest.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"--tokenized_dataset_path {path} was written by another version of prepare_dataset "
-                         f"(format {manifest.get('format_version')}, this one reads {FORMAT_VERSION}); prepare "
-                         "it again")
-    if tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:
-        raise UsageError(f"--tokenized_dataset_path {path} was tokenized with another tokenizer (fingerprint "
-                         f"{manifest['tokenizer_fingerprint']}, this run's is {tokenizer_fingerprint(tokenizer)}); "
-                         + redo)
-    if data_args.max_seq_length is not None and data_args.max_seq_length != manifest["block_size"]:
-        raise UsageError(f"--max_seq_length {data_args.max_seq_length} differs from the block size "
-                         f"{manifest['block_size']} of --tokenized_dataset_path {path}; drop --max_seq_length "
-                         "or prepare the data again with it")
-    if data_args.whole_word_mask and "offset_mapping" not in manifest["columns"]:
-        raise UsageError(f"--whole_word_mask needs token offsets, which --tokenized_dataset_path {path} does not "
-                         "hold; prepare it again with --whole_word_mask")
-    given = {k: v for k, v in data_source(data_args).items()
-             if k in ("dataset_name", "dataset_config_name", "train_file", "validation_file", "builtin_corpus")
-             and v is not None}
-    prepared = {k: manifest["source"].get(k) for k in given}
-    if given != prepared:
-        changed = ", ".join(f"--{k} {given[k]} (prepared from {prepared[k]})" for k in given if given[k] != prepared[k])
-        raise UsageError(f"--tokenized_dataset_path {path} was prepared from other data: {changed}; "
-                         "drop the data flags to train on the prepared data, or prepare it again")
-
-
-def saved_padding(tokenizer_dir: Path) -> str | None:
-    """The padding and truncation a saved tokenizer.json applies on its own, in a phrase; None if none."""
-    tokenizer_json = tokenizer_dir / "tokenizer.json"
-    if not tokenizer_json.exists():
-        return None
-    saved = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    what = [f"{key} {json.dumps(saved[key])}" for key in ("padding", "truncation") if saved.get(key)]
-    return ", ".join(what) or None
-
-
-def load_prepared(path: str, tokenizer, data_args):
-    """The prepared splits (memory-mapped) after checking the manifest against the run, and the manifest."""
-    from datasets import load_from_disk
-
-    manifest = read_manifest(path)
-    check_manifest(manifest, path, tokenizer, data_args)
-    datasets = load_from_disk(path)
-    logger.info("Prepared data %s: %s", path, ", ".join(
-        f"{split} {info['blocks']} blocks ({info['tokens']:,} tokens)" for split, info in manifest["splits"].items()))
-    return datasets, manifest
-
-
-def load_prepared_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    read_manifest(path)
-    return AutoTokenizer.from_pretrained(Path(path) / TOKENIZER_DIR)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Prepare the data a training run with the same arguments would tokenize, and write it to disk."""
     from transformers import HfArgumentParser, TrainingArguments
 
+    # The run's own arguments: a prepared dataset is what that run would tokenize.
     from run_mlm import DataTrainingArguments, ModelArguments
     from utils import data, modeling
     from utils import tokenizer as tokenizers

@@ -145,7 +145,7 @@ def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, tra
         name = getattr(model_args, flag)
         tokenizer, source = load_pretrained_tokenizer(name, model_args, flag), f"`{name}` (--{flag})"
     elif getattr(data_args, "tokenized_dataset_path", None):
-        from utils.prepare_dataset import load_prepared_tokenizer
+        from utils.prepared import load_prepared_tokenizer
 
         tokenizer = load_prepared_tokenizer(data_args.tokenized_dataset_path)
         source = f"the prepared data's, `{data_args.tokenized_dataset_path}`"

@@ -179,13 +179,26 @@ class MLMTrainer(Trainer):
     tokens of the step, which the loss is averaged over.
     """
 
+    data_checksum = None  # a tensor on the device: a weighted sum of every token id this process trained on
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         collator = self.data_collator
+        batches = (self._count(batch) for batch in itertools.islice(epoch_iterator, num_batches))
         if getattr(collator, "masks_by_step", False):
             step = self.state.global_step
-            epoch_iterator = (collator.mask_batch(batch, step, micro)
-                              for micro, batch in enumerate(itertools.islice(epoch_iterator, num_batches)))
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+            batches = (collator.mask_batch(batch, step, micro) for micro, batch in enumerate(batches))
+        return super().get_batch_samples(batches, num_batches, device)
+
+    def _count(self, batch: dict) -> dict:
+        """Add the batch's ids (before masking) to `data_checksum`: processes that read the same data agree.
+
+        Accumulated on the device, so it costs no synchronisation; read once after training.
+        """
+        ids = batch["input_ids"]
+        weights = torch.arange(1, ids.numel() + 1, device=ids.device, dtype=torch.int64).view_as(ids) % 65521
+        total = (ids.to(torch.int64) * weights).sum()
+        self.data_checksum = total if self.data_checksum is None else self.data_checksum + total
+        return batch
 
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
