@@ -118,3 +118,12 @@ def test_prepare_dataset_runs_by_path_from_any_directory_and_its_log_shows(corpu
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Prepared data {data}: train" in result.stdout + result.stderr
+
+
+def test_no_posix_only_module_is_imported():
+    """fcntl exists on Linux and macOS only: `import utils.checkpoints` must work on Windows too (filelock)."""
+    users = [p.name for p in [*UTILS.glob("*.py"), REPO / "run_mlm.py"]
+             if any(isinstance(node, (ast.Import, ast.ImportFrom))
+                    and "fcntl" in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])
+                    for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))))]
+    assert users == []
