@@ -217,7 +217,9 @@ class DataTrainingArguments:
         metadata={"help": "Of the selected tokens, the fraction replaced by a random token (the rest stay)."},
     )
     whole_word_mask: bool = field(
-        default=False, metadata={"help": "Select whole words rather than single tokens (fast tokenizers only)."}
+        default=False, metadata={"help": "Select whole words rather than single tokens: every piece of a word the "
+                                         "tokenizer's pre-tokenizer made is masked, replaced or kept together (fast "
+                                         "tokenizers; WordPiece, BPE and SentencePiece alike)."}
     )
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad batches to a multiple of this length (8 suits tensor cores)."}
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     )
     check_checkpoint_fits(checkpoint, config, training_args.output_dir)
     if data_args.whole_word_mask and not tokenizer.is_fast:
-        raise UsageError("--whole_word_mask needs a fast tokenizer (offsets); drop --use_fast_tokenizer false")
+        raise UsageError("--whole_word_mask needs a fast tokenizer (its word ids); drop --use_fast_tokenizer false")
 
     # 8. Tokenize and pack into blocks (the main process first; the others read its cache), or
     #    stream them (each process its own share), or read the prepared blocks. Every text gets

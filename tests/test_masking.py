@@ -82,22 +82,57 @@ def test_replacement_probabilities_are_honoured(tokenizer):
     assert (batch["input_ids"][labelled] == tokenizer.mask_token_id).all()
 
 
-def test_whole_word_mask_masks_all_pieces_of_a_word(tokenizer):
-    torch.manual_seed(3)
-    # Glued words the tokenizer never saw split into known pieces (alpha ##beta).
-    text = "alphabeta gammazeta alpha thetaiota beta"
-    encoded = tokenizer(text, return_offsets_mapping=True)
-    pieces = encoded.word_ids()
-    assert len(pieces) > 7  # unknown words split into pieces
-    rows = [{"input_ids": encoded["input_ids"], "offset_mapping": encoded["offset_mapping"]}] * 300
-    collator = build_collator(tokenizer, data_args(whole_word_mask=True, mlm_probability=0.3))
-    labelled = (collator(rows)["labels"] != -100).numpy()
-    word_ids = np.array([-1 if w is None else w for w in pieces])
+def word_rows(tokenizer, text, n_rows):
+    from utils.data import word_starts_of
+
+    encoded = tokenizer(text)
+    return [{"input_ids": encoded["input_ids"], "word_starts": word_starts_of(encoded.word_ids())}] * n_rows, \
+        np.array([-1 if w is None else w for w in encoded.word_ids()])
+
+
+def assert_whole_words(labelled, word_ids):
     for row in labelled:
         for word in set(word_ids[word_ids >= 0]):
             in_word = row[word_ids == word]
             assert in_word.all() or not in_word.any(), "a word was partly masked"
-    assert labelled.any()
+
+
+def test_whole_word_mask_masks_all_pieces_of_a_word(tokenizer):
+    torch.manual_seed(3)
+    # Glued words the tokenizer never saw split into known pieces (alpha ##beta).
+    rows, word_ids = word_rows(tokenizer, "alphabeta gammazeta alpha thetaiota beta", 400)
+    assert len(word_ids) > 7 and len(set(word_ids[word_ids >= 0])) == 5  # unknown words split into pieces
+    collator = build_collator(tokenizer, data_args(whole_word_mask=True, mlm_probability=0.3))
+    batch = collator(rows)
+    labelled = (batch["labels"] != -100).numpy()
+    assert_whole_words(labelled, word_ids)
+    # Words, not tokens, are selected with the probability: about 30% of the words per row that
+    # can be (one is a single [UNK], a special token, never selected).
+    special = set(tokenizer.all_special_ids)
+    selectable = {w for w, i in zip(word_ids, rows[0]["input_ids"]) if w >= 0 and i not in special}
+    assert len(selectable) == 4
+    selected_words = [len({w for w in word_ids[row] if w >= 0}) for row in labelled]
+    assert np.mean(selected_words) == pytest.approx(0.3 * len(selectable), abs=0.1)
+    # A selected word is masked, replaced or kept whole: 80/10/10 per word.
+    first_pieces = np.array([i for i, w in enumerate(word_ids) if w >= 0 and (i == 0 or word_ids[i - 1] != w)])
+    chosen = labelled[:, first_pieces]
+    as_mask = (batch["input_ids"].numpy()[:, first_pieces] == tokenizer.mask_token_id)[chosen].mean()
+    assert as_mask == pytest.approx(0.8, abs=0.05)
+    assert "word_starts" not in batch  # not a model input
+
+
+def test_whole_word_masks_by_step_and_a_word_cut_by_the_block_start(tokenizer):
+    rows, word_ids = word_rows(tokenizer, "alphabeta gammazeta alpha thetaiota beta", 64)
+    # Cut the rows inside the first word: the block starts with a word's continuation piece.
+    rows = [{"input_ids": r["input_ids"][2:], "word_starts": [0, *r["word_starts"][3:]]} for r in rows]
+    word_ids = word_ids[2:]
+    collator = build_collator(tokenizer, data_args(whole_word_mask=True, mlm_probability=0.5),
+                              SimpleNamespace(seed=3, process_index=0, world_size=1, gradient_accumulation_steps=1))
+    batch = collator.mask_batch(collator(rows), step=7)
+    labelled = (batch["labels"] != -100).numpy()
+    assert_whole_words(labelled, word_ids)  # the cut word's remaining pieces form one word
+    again = collator.mask_batch(collator(rows), step=7)
+    assert torch.equal(batch["labels"], again["labels"])  # keyed by the step, like token masks
 
 
 def test_evaluation_set_is_masked_once_and_identically(tokenizer):

@@ -5,7 +5,7 @@ use it, SentencePiece-style Unigram as XLM-R and ALBERT, SentencePiece-style BPE
 bare `spiece.model`), each as saved, with padding and truncation switched on in its
 tokenizer.json (as sentence-transformers saves them), and with a TemplateProcessing
 post-processor; plus a slow (pure Python) tokenizer. Each through packed blocks, blocks
-with whole-word offsets, line_by_line (with and without padding) and streaming, compared
+with whole-word starts, line_by_line (with and without padding, with word starts) and streaming, compared
 token for token with the wrapper on texts that include a 28k-token document, blank rows,
 ten scripts, emoji and special tokens spelled out in the text.
 """
@@ -20,7 +20,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast
 
-from utils.data import preprocess_datasets
+from utils.data import preprocess_datasets, word_starts_of
 from utils.encoding import encode_to_arrays, exact_copy, is_exact, own_padding
 from utils.errors import UsageError
 from utils.streaming import iter_blocks
@@ -42,7 +42,7 @@ NON_BLANK = [t for t in TEXTS if t and not t.isspace()]
 VARIANTS = ("saved", "padded", "template")
 FAST_CASES = [(family, variant) for family in FAMILIES for variant in VARIANTS]
 SLOW_CASE = ("bert-slow", "python")
-PATHS = ("packed", "offsets", "line_by_line", "line_by_line_padded", "streaming")
+PATHS = ("packed", "word_starts", "line_by_line", "line_by_line_padded", "line_by_line_words", "streaming")
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,9 @@ def reference(tokenizer, **kwargs) -> list:
     return [tokenizer(text, **kwargs) for text in NON_BLANK]
 
 
-# Whole-word offsets need a fast tokenizer: run_mlm refuses a slow one with --whole_word_mask.
-MATRIX = [(*case, path) for case in FAST_CASES for path in PATHS] + [(*SLOW_CASE, p) for p in PATHS if p != "offsets"]
+# Word starts need a fast tokenizer (word ids): run_mlm refuses a slow one with --whole_word_mask.
+MATRIX = [(*case, path) for case in FAST_CASES for path in PATHS] + [
+    (*SLOW_CASE, p) for p in PATHS if p not in ("word_starts", "line_by_line_words")]
 
 
 @pytest.mark.parametrize("family, variant, path", MATRIX)
@@ -99,29 +100,32 @@ def test_every_path_gives_the_ids_the_tokenizer_gives(families, family, variant,
         assert len(tokenizer.backend_tokenizer.encode(NON_BLANK[1]).ids) == 16
     if variant == "template":
         assert type(tokenizer.backend_tokenizer.post_processor).__name__ == "TemplateProcessing"
-    expected_rows = reference(families(family, variant), return_offsets_mapping=path == "offsets")
+    expected_rows = reference(families(family, variant))
     flat = [i for row in expected_rows for i in row["input_ids"]]
     assert max(len(row["input_ids"]) for row in expected_rows) > 10_000  # the long document is long
 
-    if path in ("packed", "offsets"):
+    if path in ("packed", "word_starts"):
         stats = {}
-        blocks = preprocess_datasets(raw_texts(), tokenizer, args(whole_word_mask=path == "offsets"), BLOCK,
+        blocks = preprocess_datasets(raw_texts(), tokenizer, args(whole_word_mask=path == "word_starts"), BLOCK,
                                      stats)["train"]
         n = len(flat) // BLOCK
         assert np.array(blocks["input_ids"]).ravel().tolist() == flat[: n * BLOCK]
         assert stats["train"]["tokens"] == len(flat) and stats["train"]["tokens_lost"] == len(flat) - n * BLOCK
         assert stats["train"]["characters"] == sum(map(len, TEXTS))
-        if path == "offsets":
-            offsets = [tuple(pair) for row in expected_rows for pair in row["offset_mapping"]]
-            got = [tuple(pair) for block in blocks["offset_mapping"] for pair in block]
-            assert got == offsets[: n * BLOCK]
+        if path == "word_starts":  # where the tokenizer's own words begin, token for token
+            starts = [s for row in expected_rows for s in word_starts_of(row.word_ids())]
+            assert np.array(blocks["word_starts"]).ravel().tolist() == starts[: n * BLOCK]
+            assert 0 < sum(starts) < len(starts)
     elif path.startswith("line_by_line"):
-        pad = path.endswith("padded")
-        rows = preprocess_datasets(raw_texts(), tokenizer, args(line_by_line=True, pad_to_max_length=pad),
-                                   LINE)["train"]["input_ids"]
+        pad, words = path.endswith("padded"), path.endswith("words")
+        lines = preprocess_datasets(raw_texts(), tokenizer, args(line_by_line=True, pad_to_max_length=pad,
+                                                                whole_word_mask=words), LINE)["train"]
+        rows = lines["input_ids"]
         expected = reference(families(family, variant), truncation=True, max_length=LINE,
                              padding="max_length" if pad else False)
         assert rows == [row["input_ids"] for row in expected]
+        if words:
+            assert lines["word_starts"] == [word_starts_of(row.word_ids()) for row in expected]
         assert pad or max(map(len, rows)) == LINE > min(map(len, rows))
     else:
         blocks = np.stack(list(iter_blocks(iter(TEXTS), tokenizer, BLOCK)))

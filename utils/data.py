@@ -15,8 +15,9 @@ from datasets import Dataset, DatasetDict, Features, LargeList, Value, load_data
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
-from utils.encoding import check_no_padding, encode_to_arrays, exact_copy
+from utils.encoding import check_no_padding, encode_to_arrays, exact_copy, is_exact
 from utils.errors import UsageError, one_line
+from utils.masking import WORD_STARTS
 
 logger = logging.getLogger(__name__)
 
@@ -236,22 +237,28 @@ def tokenize_batch(batch: pa.Table, tokenizer, text_column: str, dtype: str) -> 
     return pa.table({"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))})
 
 
-def tokenize_texts(examples: dict, tokenizer, text_column: str, with_offsets: bool = False) -> dict:
-    """Tokenize every non-blank text with its special tokens, keeping only what training needs."""
-    texts = _non_blank(examples[text_column])
-    encoded = tokenizer(
-        texts,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-        return_offsets_mapping=with_offsets,
-        verbose=False,  # texts longer than the model are fine here: group_texts cuts them
-    )
-    check_no_padding(np.fromiter((i for ids in encoded["input_ids"] for i in ids), dtype=np.int64), texts, tokenizer)
-    return dict(encoded)
+def word_starts_of(word_ids: list[int | None]) -> list[int]:
+    """1 where a token begins a word (the tokenizer's pre-tokenized word), 0 inside one; specials are 1."""
+    return [int(word is None or i == 0 or word != word_ids[i - 1]) for i, word in enumerate(word_ids)]
+
+
+def tokenize_batch_with_word_starts(batch: pa.Table, tokenizer, text_column: str, dtype: str) -> pa.Table:
+    """As `tokenize_batch`, plus a `word_starts` row per text for whole-word masking (fast tokenizers)."""
+    texts = _non_blank(batch.column(text_column).to_pylist())
+    if not is_exact(tokenizer):
+        raise ValueError("tokenize_batch_with_word_starts needs utils.encoding.exact_copy(tokenizer)")
+    # encode_batch, not encode_batch_fast: word ids come with the offsets it tracks.
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
+    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=dtype)
+    check_no_padding(ids, texts, tokenizer)
+    starts = np.fromiter((s for e in encodings for s in word_starts_of(e.word_ids)), dtype=np.uint8, count=len(ids))
+    offsets = pa.array(np.cumsum([0, *(len(e.ids) for e in encodings)], dtype=np.int64))
+    return pa.table({"input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(ids)),
+                     WORD_STARTS: pa.LargeListArray.from_arrays(offsets, pa.array(starts))})
 
 
 def tokenize_lines(
-    examples: dict, tokenizer, text_column: str, max_seq_length: int, pad: bool, with_offsets: bool = False
+    examples: dict, tokenizer, text_column: str, max_seq_length: int, pad: bool, with_word_starts: bool = False
 ) -> dict:
     """Tokenize each non-blank line as one example, truncated to `max_seq_length` (line_by_line mode)."""
     texts = _non_blank(examples[text_column])
@@ -263,12 +270,14 @@ def tokenize_lines(
         # Padded rows need their mask stored; unpadded rows get one from the collator.
         return_attention_mask=pad,
         return_token_type_ids=False,
-        return_offsets_mapping=with_offsets,
     )
     if not pad:
         check_no_padding(np.fromiter((i for ids in encoded["input_ids"] for i in ids), dtype=np.int64), texts,
                          tokenizer)
-    return dict(encoded)
+    rows = dict(encoded)
+    if with_word_starts:
+        rows[WORD_STARTS] = [word_starts_of(encoded.word_ids(i)) for i in range(len(texts))]
+    return rows
 
 
 def count_characters(dataset: Dataset, text_column: str) -> int:
@@ -390,7 +399,7 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
     characters, tokens lost) are logged and recorded in `stats[split]`.
     """
     text_column = text_column_of(raw["train" if "train" in raw else "validation"], data_args.text_column_name)
-    with_offsets = data_args.whole_word_mask
+    word_starts = data_args.whole_word_mask
     map_kwargs = {
         "batched": True,
         "num_proc": data_args.preprocessing_num_workers,
@@ -406,7 +415,7 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
             processed[split] = dataset.map(
                 tokenize_lines,
                 fn_kwargs={"tokenizer": exact, "text_column": text_column, "max_seq_length": max_seq_length,
-                           "pad": data_args.pad_to_max_length, "with_offsets": with_offsets},
+                           "pad": data_args.pad_to_max_length, "with_word_starts": word_starts},
                 remove_columns=dataset.column_names,
                 desc=f"Tokenizing {split} lines",
                 **map_kwargs,
@@ -417,22 +426,17 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
             description = (f"{counts['rows']:,} lines of up to {max_seq_length} tokens "
                            f"({counts['rows_at_max_length']:,} of them cut or filled to that length)")
         else:
-            if with_offsets:
-                # Whole-word masking needs each token's character offsets: the slower, general path.
-                tokenized = dataset.map(
-                    tokenize_texts,
-                    fn_kwargs={"tokenizer": exact, "text_column": text_column, "with_offsets": True},
-                    remove_columns=dataset.column_names, desc=f"Tokenizing {split}", **map_kwargs,
-                )
-            else:
-                tokenized = dataset.select_columns([text_column]).with_format("arrow").map(
-                    tokenize_batch,
-                    fn_kwargs={"tokenizer": exact, "text_column": text_column, "dtype": dtype},
-                    remove_columns=[text_column],
-                    features=Features({"input_ids": LargeList(Value(dtype))}),
-                    desc=f"Tokenizing {split}",
-                    **map_kwargs,
-                ).with_format(None)
+            # Whole-word masking also stores where each word starts (one byte per token).
+            features = {"input_ids": LargeList(Value(dtype)),
+                        **({WORD_STARTS: LargeList(Value("uint8"))} if word_starts else {})}
+            tokenized = dataset.select_columns([text_column]).with_format("arrow").map(
+                tokenize_batch_with_word_starts if word_starts else tokenize_batch,
+                fn_kwargs={"tokenizer": exact, "text_column": text_column, "dtype": dtype},
+                remove_columns=[text_column],
+                features=Features(features),
+                desc=f"Tokenizing {split}",
+                **map_kwargs,
+            ).with_format(None)
             if len(tokenized) == 0:
                 raise UsageError(f"the {split} text is blank: every row of {_describe_source(data_args, split)} is "
                                  "empty or whitespace; give a file with text")

@@ -1,4 +1,12 @@
-"""The MLM collator: batches examples and masks tokens (80% [MASK] / 10% random / 10% kept by default)."""
+"""The MLM collator: batches examples and masks tokens (80% [MASK] / 10% random / 10% kept by default).
+
+Masks are drawn by `MLMCollator.mask_rows`, token by token or whole word by whole word
+(`--whole_word_mask`): a word is what the tokenizer's pre-tokenizer made one (its
+`word_ids`), so WordPiece `##` pieces, byte-level BPE `Ġ` words and SentencePiece `▁`
+words are all handled the same way. Blocks carry a `word_starts` column (1 where a token
+begins a word) for that; a word cut by a block boundary is two words, one in each block,
+each masked whole on its own.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +21,12 @@ logger = logging.getLogger(__name__)
 
 # Mixes (seed, step) into one generator seed; any large odd constant keeps streams apart.
 _STEP_STRIDE = 1_000_003
+WORD_STARTS = "word_starts"
 
 
 @dataclass
 class MLMCollator(DataCollatorForLanguageModeling):
-    """`DataCollatorForLanguageModeling` with reproducible masks and a fast special-token mask.
+    """`DataCollatorForLanguageModeling` with reproducible, optionally whole-word masks.
 
     With `seed` set, the masks of a training batch are a function of the seed, the
     optimizer step and the row's position in the global batch only: every process draws
@@ -26,17 +35,18 @@ class MLMCollator(DataCollatorForLanguageModeling):
     the main process, where the optimizer step is known (`utils.training.MLMTrainer` calls
     it for each step's batches). A run on 1 or N processes, with 0 or N dataloader workers,
     with or without gradient accumulation, or resumed from a checkpoint therefore masks the
-    same tokens of the same examples. This needs rows of equal length (packed blocks or
-    `pad_to_max_length`); with whole-word masking, masks come from the process's random
-    generator as in transformers.
+    same tokens of the same examples. Without a seed, each batch is masked when collated,
+    from torch's random generator.
 
-    Rows that already carry `labels` (the evaluation set, masked once) are only padded.
-    The special-token mask comes from one comparison instead of a Python loop per row.
+    `whole_words`: rows carry `word_starts`, and every token of a selected word gets the
+    word's decision (masked, replaced by random tokens, or kept). Rows that already carry
+    `labels` (the evaluation set, masked once) are only padded.
     """
 
     rank: int = 0
     world_size: int = 1
     accumulation_steps: int = 1
+    whole_words: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,20 +56,18 @@ class MLMCollator(DataCollatorForLanguageModeling):
     @property
     def masks_by_step(self) -> bool:
         """Whether batches leave the collator unmasked, for `mask_batch` to mask by optimizer step."""
-        return self.seed is not None and not self.whole_word_mask
+        return self.seed is not None
 
     def torch_call(self, examples):
         if isinstance(examples[0], dict) and "labels" in examples[0]:
             return self._pad_premasked(examples)
-        if self.whole_word_mask and isinstance(examples[0], dict) and "offset_mapping" in examples[0]:
-            examples = _pad_offsets(examples, self.pad_to_multiple_of)
-        if not self.masks_by_step:
-            return super().torch_call(examples)
-        # Masked later by `mask_batch`: a dataloader worker knows neither the optimizer step
-        # nor where its batch falls in it.
         batch = self._pad(examples)
-        batch.pop("special_tokens_mask", None)
-        return batch
+        if self.masks_by_step:
+            # Masked later by `mask_batch`: a dataloader worker knows neither the optimizer step
+            # nor where its batch falls in it.
+            return batch
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        return self._mask(batch, generator)
 
     def mask_batch(self, batch: dict, step: int, micro: int = 0) -> dict:
         """Mask a padded batch as micro-batch `micro` of optimizer step `step` on this process (in place).
@@ -67,24 +75,43 @@ class MLMCollator(DataCollatorForLanguageModeling):
         The generator is seeded by (seed, step): the same step draws the same numbers on
         every process and in every run, whatever the data loader did before.
         """
-        if "labels" in batch:  # masked already (the evaluation set, or the parent's masking)
+        if "labels" in batch:  # masked already (the evaluation set)
             return batch
         generator = torch.Generator().manual_seed(self.seed * _STEP_STRIDE + step)
         rows = batch["input_ids"].shape[0]
         first_row = (micro * self.world_size + self.rank) * rows
-        global_rows = rows * self.world_size * self.accumulation_steps
-        batch["input_ids"], batch["labels"] = self.mask_rows(batch["input_ids"], generator, first_row, global_rows)
+        return self._mask(batch, generator, first_row, rows * self.world_size * self.accumulation_steps)
+
+    def _mask(self, batch: dict, generator: torch.Generator, first_row: int = 0,
+              global_rows: int | None = None) -> dict:
+        starts = batch.pop(WORD_STARTS, None)
+        if self.whole_words and starts is None:
+            raise ValueError("whole-word masking needs rows with word_starts (tokenize with --whole_word_mask)")
+        batch["input_ids"], batch["labels"] = self.mask_rows(batch["input_ids"], generator, first_row, global_rows,
+                                                             starts if self.whole_words else None)
         return batch
 
     def _pad(self, examples):
-        return pad_without_fast_tokenizer_warning(
+        starts = None
+        if isinstance(examples[0], dict) and WORD_STARTS in examples[0]:
+            starts = [e[WORD_STARTS] for e in examples]
+            examples = [{k: v for k, v in e.items() if k != WORD_STARTS} for e in examples]
+        batch = pad_without_fast_tokenizer_warning(
             self.tokenizer, examples, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of
         )
+        batch.pop("special_tokens_mask", None)
+        if starts is not None:
+            # Padding is a special token: a word of its own that is never selected.
+            padded = torch.ones(batch["input_ids"].shape, dtype=torch.bool)
+            for row, row_starts in enumerate(starts):
+                padded[row, : len(row_starts)] = torch.as_tensor(row_starts, dtype=torch.bool)
+            batch[WORD_STARTS] = padded
+        return batch
 
     def _pad_premasked(self, examples):
         """Batch examples masked ahead of time (the evaluation set): pad, never mask again."""
         labels = [e["labels"] for e in examples]
-        rest = [{k: v for k, v in e.items() if k != "labels"} for e in examples]
+        rest = [{k: v for k, v in e.items() if k not in ("labels", WORD_STARTS)} for e in examples]
         batch = self._pad(rest)
         batch["labels"] = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
         for row, row_labels in enumerate(labels):
@@ -92,13 +119,17 @@ class MLMCollator(DataCollatorForLanguageModeling):
         return batch
 
     def mask_rows(self, inputs: torch.Tensor, generator: torch.Generator, first_row: int = 0,
-                  global_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  global_rows: int | None = None, word_starts: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask `inputs` as rows [first_row, first_row + len(inputs)) of a draw over `global_rows` rows.
 
         Returns (masked inputs, labels): labels hold the original id where a token was
-        selected and -100 elsewhere. Special tokens are never selected. The numbers are drawn
-        on the CPU and the rest runs where `inputs` are, with fixed shapes (no boolean
-        indexing), so that a batch already on a GPU or XLA device stays there.
+        selected and -100 elsewhere. Special tokens are never selected. With `word_starts`
+        (True where a token begins a word), each token takes the decisions drawn for the
+        first token of its word, so words are selected, masked or replaced whole; the first
+        token of a row always begins a word (the rest of a word cut by the block boundary).
+        The numbers are drawn on the CPU and the rest runs where `inputs` are, with fixed
+        shapes (no boolean indexing), so that a batch on a GPU or XLA device stays there.
         """
         rows, length = inputs.shape
         shape = (global_rows or rows, length)
@@ -107,6 +138,13 @@ class MLMCollator(DataCollatorForLanguageModeling):
         select = torch.rand(shape, generator=generator)[mine].to(device)
         replace = torch.rand(shape, generator=generator)[mine].to(device)
         random_ids = torch.randint(len(self.tokenizer), shape, generator=generator)[mine].to(device)
+        if word_starts is not None:
+            starts = word_starts.to(device=device, dtype=torch.bool).clone()
+            starts[:, 0] = True
+            positions = torch.arange(length, device=device).expand(rows, length)
+            # The position of each token's word start: the last start at or before it.
+            word_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
+            select, replace = select.gather(1, word_start), replace.gather(1, word_start)
 
         special = (inputs.unsqueeze(-1) == self.special_ids.to(device)).any(-1)
         selected = (select < self.mlm_probability) & ~special
@@ -116,30 +154,6 @@ class MLMCollator(DataCollatorForLanguageModeling):
         masked = torch.where(as_mask, torch.full_like(inputs, self.mask_token_id), inputs)
         masked = torch.where(as_random, random_ids.to(inputs.dtype), masked)
         return masked, labels
-
-    def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
-        # The parent's path (whole-word masking, no seed): give it the fast special-token mask.
-        if special_tokens_mask is None:
-            special_tokens_mask = torch.isin(inputs, self.special_ids)
-        return super().torch_mask_tokens(inputs, special_tokens_mask=special_tokens_mask,
-                                         offset_mapping=offset_mapping)
-
-
-def _pad_offsets(examples: list[dict], multiple: int | None) -> list[dict]:
-    """Pad `offset_mapping` like `tokenizer.pad` pads the ids, with (0, 0) as for special tokens.
-
-    `tokenizer.pad` pads input ids but not offsets, so unequal rows (line_by_line without
-    padding) would not stack.
-    """
-    longest = max(len(e["input_ids"]) for e in examples)
-    if multiple:
-        longest = -(-longest // multiple) * multiple
-    padded = []
-    for e in examples:
-        offsets = [list(pair) for pair in e["offset_mapping"]]
-        offsets += [[0, 0]] * (longest - len(offsets))
-        padded.append({**e, "offset_mapping": offsets})
-    return padded
 
 
 def mask_once(examples: dict, indices: list[int], collator: MLMCollator, seed: int) -> dict:
@@ -151,19 +165,10 @@ def mask_once(examples: dict, indices: list[int], collator: MLMCollator, seed: i
     rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
     lengths = [len(row["input_ids"]) for row in rows]
     generator = torch.Generator().manual_seed(seed * _STEP_STRIDE + indices[0])
-    if collator.whole_word_mask:
-        saved, collator.generator = collator.generator, generator
-        try:
-            batch = DataCollatorForLanguageModeling.torch_call(collator, _pad_offsets(rows, None))
-        finally:
-            collator.generator = saved
-        masked_ids, labels = batch["input_ids"], batch["labels"]
-    else:
-        # Padding is a special token, so it is never selected.
-        padded = pad_without_fast_tokenizer_warning(
-            collator.tokenizer, [{"input_ids": r["input_ids"]} for r in rows], return_tensors="pt"
-        )
-        masked_ids, labels = collator.mask_rows(padded["input_ids"], generator)
+    # Padding is a special token, so it is never selected.
+    padded = collator._pad([{k: v for k, v in r.items() if k in ("input_ids", WORD_STARTS)} for r in rows])
+    starts = padded.get(WORD_STARTS) if collator.whole_words else None
+    masked_ids, labels = collator.mask_rows(padded["input_ids"], generator, word_starts=starts)
     masked = {"input_ids": [ids[:n].tolist() for ids, n in zip(masked_ids, lengths)],
               "labels": [lab[:n].tolist() for lab, n in zip(labels, lengths)]}
     if "attention_mask" in examples:  # padded rows (pad_to_max_length) keep their mask
@@ -185,12 +190,6 @@ def mask_eval_dataset(dataset, collator: MLMCollator, seed: int):
 
 def build_collator(tokenizer, data_args, training_args=None) -> MLMCollator:
     """The collator configured from the arguments; masks keyed by optimizer step when `training_args` are given."""
-    mask_replace_prob, random_replace_prob = data_args.mask_replace_prob, data_args.random_replace_prob
-    if data_args.whole_word_mask and mask_replace_prob < 1:
-        # transformers replaces whole words only with the mask token; say so once, plainly.
-        logger.info("--whole_word_mask: selected words are always replaced by the mask token "
-                    "(--mask_replace_prob 1, --random_replace_prob 0)")
-        mask_replace_prob, random_replace_prob = 1.0, 0.0
     layout = {}
     if training_args is not None:
         layout = {
@@ -207,9 +206,11 @@ def build_collator(tokenizer, data_args, training_args=None) -> MLMCollator:
     return MLMCollator(
         tokenizer=tokenizer,
         mlm_probability=data_args.mlm_probability,
-        mask_replace_prob=mask_replace_prob,
-        random_replace_prob=random_replace_prob,
-        whole_word_mask=data_args.whole_word_mask,
+        mask_replace_prob=data_args.mask_replace_prob,
+        random_replace_prob=data_args.random_replace_prob,
+        # transformers' own whole-word path (offsets, mask token only) is not used: ours is.
+        whole_word_mask=False,
+        whole_words=data_args.whole_word_mask,
         pad_to_multiple_of=pad_to_multiple_of,
         **layout,
     )

@@ -131,8 +131,8 @@ def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
         raise UsageError(f"--max_seq_length {data_args.max_seq_length} differs from the block size "
                          f"{manifest['block_size']} of --tokenized_dataset_path {path}; drop --max_seq_length "
                          "or prepare the data again with it")
-    if data_args.whole_word_mask and "offset_mapping" not in manifest["columns"]:
-        raise UsageError(f"--whole_word_mask needs token offsets, which --tokenized_dataset_path {path} does not "
+    if data_args.whole_word_mask and "word_starts" not in manifest["columns"]:
+        raise UsageError(f"--whole_word_mask needs the word starts, which --tokenized_dataset_path {path} does not "
                          "hold; prepare it again with --whole_word_mask")
     given = {k: v for k, v in data_source(data_args).items()
              if k in ("dataset_name", "dataset_config_name", "train_file", "validation_file", "builtin_corpus")

@@ -29,6 +29,9 @@ def adjust_training_args(training_args) -> None:
         training_args.ddp_find_unused_parameters = False
     # Our accuracy streams batch by batch, so nothing is accumulated over the eval set.
     training_args.batch_eval_metrics = True
+    # The datasets hold only what the collator reads; word_starts is not a model input, and
+    # the Trainer would drop it before the collator saw it.
+    training_args.remove_unused_columns = False
 
 
 class ThroughputCallback(TrainerCallback):
