@@ -43,6 +43,7 @@ from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
 from utils.precision import apply_precision
+from utils.tokenizer_kinds import choose
 from utils.training import GracefulStop, Interrupted, NonFiniteGuard, build_trainer, save_final_model
 
 logger = logging.getLogger("run_mlm")
@@ -72,13 +73,21 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None,
         metadata={"help": "Tokenizer to use, if not the model's own (hub id or path). From scratch with no "
-                          "tokenizer, a WordPiece tokenizer is trained on the training text."},
+                          "tokenizer, one is trained on the training text (see tokenizer_type)."},
+    )
+    tokenizer_type: str = field(
+        default="auto",
+        metadata={"help": "Kind of tokenizer trained from scratch. auto: the model family's own (BERT, DistilBERT, "
+                          "ELECTRA: WordPiece; RoBERTa, ModernBERT, DeBERTa: byte-level BPE; XLM-R, CamemBERT, "
+                          "ALBERT, DeBERTa-v2: SentencePiece-style Unigram), with its special tokens and class.",
+                  "choices": ["auto", "wordpiece", "bpe", "unigram"]},
     )
     tokenizer_vocab_size: int = field(
-        default=30522, metadata={"help": "Vocabulary size of the WordPiece tokenizer trained from scratch."}
+        default=30522, metadata={"help": "Vocabulary size of the tokenizer trained from scratch."}
     )
-    tokenizer_lowercase: bool = field(
-        default=True, metadata={"help": "Whether the tokenizer trained from scratch lowercases text (uncased)."}
+    tokenizer_lowercase: bool | None = field(
+        default=None, metadata={"help": "Whether the tokenizer trained from scratch lowercases text. Unset: as the "
+                                        "family's checkpoints do (BERT, ALBERT: uncased; RoBERTa, XLM-R: cased)."}
     )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where to store downloaded models and datasets, and built corpora."}
@@ -152,6 +161,8 @@ class ModelArguments:
             )
         if self.tokenizer_vocab_size < 100:
             raise UsageError(f"--tokenizer_vocab_size {self.tokenizer_vocab_size} is too small; use at least 100")
+        if self.model_type is not None and not self.tokenizer_name:
+            choose(self.model_type, self.tokenizer_type, self.tokenizer_lowercase)  # a cased family told to lowercase
 
     @property
     def from_scratch(self) -> bool:
@@ -367,7 +378,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     blocks = manifest = None
     data_stats: dict = {}  # per split: tokens, characters, tokens lost (for the log and the model card)
     if data_args.tokenized_dataset_path:
-        blocks, manifest = prepared.load_prepared(data_args.tokenized_dataset_path, tokenizer, data_args)
+        blocks, manifest = prepared.load_prepared(data_args.tokenized_dataset_path, tokenizer, data_args,
+                                                  model_args.tokenizer_type)
         data_stats = manifest["splits"]
 
     # 7. Model configuration, and the block length it and the tokenizer can take.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from utils.encoding import exact_copy
 from utils.errors import UsageError
+from utils.tokenizer_kinds import kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def write_prepared(path: str, datasets, tokenizer, block_size: int, data_args, s
         "format_version": FORMAT_VERSION,
         "block_size": block_size,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_kind": kind_of(tokenizer),
         "vocab_size": len(tokenizer),
         "columns": datasets[next(iter(datasets))].column_names,
         # tokens: what the text gave; tokens_in_blocks: what training sees (less the last partial block).
@@ -154,11 +156,18 @@ def saved_padding(tokenizer_dir: Path) -> str | None:
     return ", ".join(what) or None
 
 
-def load_prepared(path: str, tokenizer, data_args):
-    """The prepared splits (memory-mapped) after checking the manifest against the run, and the manifest."""
+def load_prepared(path: str, tokenizer, data_args, tokenizer_type: str = "auto"):
+    """The prepared splits (memory-mapped) after checking the manifest against the run, and the manifest.
+
+    `tokenizer_type`: the run's --tokenizer_type; anything but auto must be the prepared data's kind.
+    """
     from datasets import load_from_disk
 
     manifest = read_manifest(path)
+    prepared_kind = manifest.get("tokenizer_kind") or kind_of(tokenizer)
+    if tokenizer_type != "auto" and prepared_kind != tokenizer_type:
+        raise UsageError(f"--tokenizer_type {tokenizer_type}: --tokenized_dataset_path {path} was tokenized with a "
+                         f"{prepared_kind} tokenizer; drop --tokenizer_type, or prepare the data again with it")
     check_manifest(manifest, path, tokenizer, data_args)
     datasets = load_from_disk(path)
     logger.info("Prepared data %s: %s", path, ", ".join(

@@ -1,4 +1,4 @@
-"""Tokenizers: load a pretrained one, or train a WordPiece tokenizer on the training text."""
+"""Tokenizers: load a pretrained one, or train the kind the model family uses on the training text."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,63 +14,67 @@ from datasets import IterableDataset
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.errors import UsageError, one_line
+from utils.tokenizer_kinds import KIND_NAMES, choose, unknown_rate
 
 logger = logging.getLogger(__name__)
 
 # With --streaming, a tokenizer trained from scratch learns from the first this many characters.
 STREAM_SAMPLE_CHARS = 200_000_000
 
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"}
-
-
 def train_wordpiece_tokenizer(
     texts: Iterator[list[str]] | Iterator[str], vocab_size: int, lowercase: bool = True, model_max_length: int = 512
 ) -> PreTrainedTokenizerFast:
-    """Train a BERT-style WordPiece tokenizer ([CLS] text [SEP]) on `texts` (strings or batches of them)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Train a BERT WordPiece tokenizer ([CLS] text [SEP], BertTokenizer) on `texts` (strings or batches of them)."""
+    from utils.tokenizer_kinds import train_tokenizer
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}",
-        pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))],
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
+    return train_tokenizer(texts, "bert", "wordpiece", vocab_size, lowercase, model_max_length)
 
 
-def _text_batches(dataset, text_column: str, batch_size: int = 1000) -> Iterator[list[str]]:
-    for batch in dataset.iter(batch_size=batch_size):
-        yield [t for t in batch[text_column] if t and not t.isspace()]
+def _text_batches(dataset, text_column: str, max_chars: int = STREAM_SAMPLE_CHARS,
+                  batch_size: int = 1000) -> Iterator[list[str]]:
+    """Batches of non-blank texts to train a tokenizer on: at most about `max_chars` characters, taken evenly.
+
+    A bounded sample: memory and time stay flat on a multi-GB corpus (the trainer's word
+    counts grow with the text it reads), and every part of the corpus is represented.
+    """
+    from utils.data import count_characters
+
+    total = count_characters(dataset, text_column)
+    stride = max(1, -(-total // max_chars))
+    if stride > 1:
+        logger.info("Training the tokenizer on every %d-th batch of 1000 texts (%.0f of %.0f MB of text)",
+                    stride, total / stride / 1e6, total / 1e6)
+    for i, batch in enumerate(dataset.iter(batch_size=batch_size)):
+        if i % stride == 0:
+            yield [t for t in batch[text_column] if t and not t.isspace()]
 
 
 def train_or_load_cached_tokenizer(
-    train_dataset, text_column: str, vocab_size: int, lowercase: bool, model_max_length: int, cache_root: Path
+    train_dataset, text_column: str, vocab_size: int, lowercase: bool | None, model_max_length: int,
+    cache_root: Path, model_type: str | None = None, kind: str = "auto",
 ) -> PreTrainedTokenizerFast:
-    """Train a WordPiece tokenizer on `train_dataset`, or reuse the one trained on the same data and settings.
+    """Train the tokenizer `model_type`'s family uses (or `kind`) on `train_dataset`, or reuse the same one.
 
     The cache (keyed on the dataset's fingerprint and the settings) lets the other
     processes of a distributed run, and reruns, load the tokenizer the main process trained.
     That matters beyond speed: training twice on the same text can give different
-    vocabularies (tie-breaking in hash-map order, huggingface/tokenizers#1794).
+    vocabularies (tie-breaking in hash-map order, huggingface/tokenizers#1794). The
+    tokenizer returned is the one loaded back from the cache: what any later load gives.
     """
-    key = f"{train_dataset._fingerprint}-{text_column}-{vocab_size}-{lowercase}-{model_max_length}"
+    from utils.tokenizer_kinds import train_tokenizer
+
+    kind, lowercase, class_name = choose(model_type, kind, lowercase)
+    key = f"{train_dataset._fingerprint}-{text_column}-{vocab_size}-{lowercase}-{model_max_length}-{kind}-{class_name}"
     directory = cache_root / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (directory / "tokenizer.json").exists():
         logger.info("Reusing the tokenizer trained earlier on the same data: %s", directory)
         return AutoTokenizer.from_pretrained(directory)
-    logger.info("Training a WordPiece tokenizer (vocab %d, lowercase=%s) on the training split", vocab_size, lowercase)
-    tokenizer = train_wordpiece_tokenizer(
-        _text_batches(train_dataset, text_column), vocab_size, lowercase, model_max_length
-    )
+    logger.info("Training a %s tokenizer (%s, vocab %d, lowercase=%s) on the training split", KIND_NAMES[kind],
+                class_name, vocab_size, lowercase)
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(_text_batches(train_dataset, text_column), model_type, kind, vocab_size, lowercase,
+                                model_max_length)
+    seconds = time.perf_counter() - started
     # Save under a temporary name, then rename: a reader never sees half a tokenizer.
     tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
     tokenizer.save_pretrained(tmp)
@@ -77,8 +82,17 @@ def train_or_load_cached_tokenizer(
         os.replace(tmp, directory)
     except OSError:  # another process finished first; its tokenizer is the same
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Trained tokenizer: %d tokens, saved to %s", len(tokenizer), directory)
-    return tokenizer
+    logger.info("Trained tokenizer: %d tokens in %.1f s, saved to %s", len(tokenizer), seconds, directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def held_out_texts(raw_datasets, text_column: str, n: int = 1000) -> list[str]:
+    """Up to `n` non-blank texts the tokenizer was not trained on (the validation split), for its unknown rate."""
+    split = raw_datasets.get("validation") if hasattr(raw_datasets, "get") else None
+    if split is None or isinstance(split, IterableDataset):
+        return []
+    texts = split[:n][text_column] if len(split) else []
+    return [t for t in texts if t and not t.isspace()]
 
 
 def sample_stream(stream, text_column: str, max_chars: int = STREAM_SAMPLE_CHARS):
@@ -132,9 +146,9 @@ def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, tra
     """The run's tokenizer and a phrase saying where it came from.
 
     In order: --tokenizer_name, the pretrained model's, the one saved with prepared data
-    (--tokenized_dataset_path), the checkpoint being resumed, or a
-    WordPiece tokenizer trained on the training text (by rank 0 only, then sent to the
-    other processes: two trainings need not give the same vocabulary).
+    (--tokenized_dataset_path), the checkpoint being resumed, or one trained on the training
+    text, of the kind the model family uses or --tokenizer_type says (by rank 0 only, then
+    sent to the other processes: two trainings need not give the same vocabulary).
     """
     from utils import distributed
     from utils.corpus import run_cache_dir
@@ -158,15 +172,30 @@ def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, tra
         if isinstance(split, IterableDataset):
             split = sample_stream(split, text_column)
         cache_root = run_cache_dir(model_args.cache_dir)
+        model_type = family_model_type(model_args)
+        kind, lowercase, class_name = choose(model_type, model_args.tokenizer_type, model_args.tokenizer_lowercase)
         tokenizer = distributed.share_tokenizer(training_args, lambda: train_or_load_cached_tokenizer(
-            split, text_column, model_args.tokenizer_vocab_size, model_args.tokenizer_lowercase,
-            model_max_length=data_args.max_seq_length or 512, cache_root=cache_root,
+            split, text_column, model_args.tokenizer_vocab_size, lowercase,
+            model_max_length=data_args.max_seq_length or 512, cache_root=cache_root, model_type=model_type,
+            kind=kind,
         ), cache_root)
-        casing = "uncased" if model_args.tokenizer_lowercase else "cased"
-        source = f"WordPiece, {len(tokenizer)} tokens, {casing}, trained on the training text"
+        held_out = held_out_texts(raw_datasets, text_column)
+        unknown = f", {unknown_rate(tokenizer, held_out):.3%} unknown tokens on held-out text" if held_out else ""
+        source = (f"{KIND_NAMES[kind]}, {len(tokenizer)} tokens, {'uncased' if lowercase else 'cased'}, trained on "
+                  f"the training text ({type(tokenizer).__name__}, mask {tokenizer.mask_token}{unknown})")
+        logger.info("Tokenizer: %s", source)
     check_mask_token(tokenizer, source)
     report_own_padding(tokenizer, source)
     return tokenizer, source
+
+
+def family_model_type(model_args) -> str | None:
+    """The model type whose family's tokenizer to train: --model_type, else --config_name's."""
+    if model_args.model_type or not model_args.config_name:
+        return model_args.model_type
+    from utils.modeling import load_config
+
+    return load_config(model_args).model_type
 
 
 def report_own_padding(tokenizer, source: str) -> None:
