@@ -1,0 +1,39 @@
+"""Every args file in configs/ runs as shipped (a few steps): the README's recipes, the way a user types them."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from run_mlm import main
+
+from .conftest import REPO
+
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+# What each config trains: model type, the saved tokenizer's class and mask token.
+EXPECTED = {
+    "quickstart.yaml": ("modernbert", "TokenizersBackend", "[MASK]"),  # WordPiece in the generic class
+    "roberta_from_scratch.yaml": ("roberta", "TokenizersBackend", "<mask>"),
+}
+
+
+def test_every_config_has_an_expectation():
+    assert set(CONFIGS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_runs_as_shipped(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    metrics = main([str(REPO / "configs" / config), "--output_dir", str(out), "--max_steps", "3",
+                    "--eval_steps", "3", "--max_eval_samples", "32", "--logging_steps", "1",
+                    "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"])
+    assert math.isfinite(metrics["eval_loss"]) and metrics["train_samples"] > 0
+    model_type, tokenizer_class, mask = EXPECTED[config]
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(tokenizer).__name__ == tokenizer_class and tokenizer.mask_token == mask
+    printed = capsys.readouterr().out
+    assert "Fill-mask predictions:" in printed and f" {mask} " in printed.split("Fill-mask predictions:")[1]
+    assert Path(out / "README.md").exists()
