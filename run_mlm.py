@@ -31,18 +31,18 @@ from utils import data, distributed, metrics, modeling, prepared, streaming, xla
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, locked_output_dir
-from utils.corpus import BUILTIN_CORPORA
+from utils.corpus import BUILTIN_CORPORA, run_cache_dir
 from utils.cpu import speed_up_for_cpu
 from utils.data import check_extension
 from utils.errors import UsageError, exit_on_usage_error
 from utils.fill_mask import format_predictions, predict_masks
-from utils.logs import setup_logging
+from utils.logs import log_process, setup_logging
 from utils.masking import build_collator, mask_eval_dataset
 from utils.mlm_head import install_mlm_head
 from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
-from utils.precision import apply_precision
+from utils.precision import apply_precision, gemm_shapes
 from utils.tokenizer_kinds import choose
 from utils.training import GracefulStop, Interrupted, NonFiniteGuard, build_trainer, save_final_model
 
@@ -309,6 +309,15 @@ class DataTrainingArguments:
                 raise UsageError("--builtin_corpus is small enough to load whole; drop --streaming")
 
 
+def precision_shapes(model_args, data_args, training_args) -> list[tuple[int, int, int]] | None:
+    """The model's big matrix products for one training batch, to time bf16 against fp32 on a CPU."""
+    if training_args.device.type != "cpu" or model_args.precision != "auto":
+        return None
+    config = modeling.load_config(model_args)
+    tokens = training_args.per_device_train_batch_size * (data_args.max_seq_length or 128)
+    return gemm_shapes(config, min(tokens, 8192))
+
+
 def check_run_arguments(model_args, data_args, training_args) -> None:
     """Rules that span the argument groups."""
     if not (training_args.do_train or training_args.do_eval):
@@ -346,11 +355,18 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     if "report_to" not in given_keys(argv) and importlib.util.find_spec("tensorboard") is not None:
         training_args.report_to = ["tensorboard"]  # on by default when installed (--report_to none to turn off)
 
-    # 2. Precision (bf16 where the hardware has it), logging (one summary per process, details
-    #    from the main process only), and on XLA (TPU) the settings that keep shapes static,
-    #    so that the graph compiles once.
-    apply_precision(training_args, model_args.precision)
+    # 2. Logging (one summary per process, details from the main process only), precision
+    #    (bf16 where it is faster on this hardware: on a CPU, timed at the model's own matrix
+    #    shapes, once per machine), and on XLA (TPU) the settings that keep shapes static, so
+    #    that the graph compiles once.
     setup_logging(training_args)
+    threads = distributed.fit_cpu_threads(training_args)
+    if threads:
+        logger.info("CPU: %s", threads)
+    with training_args.main_process_first(local=True, desc="timing bf16 and fp32 matmuls"):
+        apply_precision(training_args, model_args.precision, precision_shapes(model_args, data_args, training_args),
+                        run_cache_dir(model_args.cache_dir))
+    log_process(training_args)
     if xla.on_xla(training_args):
         for change in xla.adapt_for_xla(training_args, data_args):
             logger.info("XLA: set %s", change)

@@ -14,7 +14,10 @@ same data, with the same seed and number of steps:
   predictions stored for the whole evaluation set.
 - reference+bf16: the same with bf16 autocast (a same-precision comparison).
 - then this project's levers one at a time, ending with its defaults (sparse head, bf16
-  where the CPU has bf16 units, counts for accuracy) and the opt-in torch_compile.
+  where a bf16 matmul beats fp32 on this CPU, counts for accuracy) and the opt-in
+  torch_compile. Both precisions are shown, so a table says what kind of CPU it ran on (the
+  CPU line names its bf16 units; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 keeps an AMX CPU's
+  matmuls off AMX, to measure the other class on the same box).
 
 MFU = achieved FLOP/s / the bf16 (and fp32) matmul peak measured on this machine in the
 same run. FLOPs per token = 6 N_nonembedding + 12 L d T + 6 (d^2 + d V) p, p = 1 for a
@@ -46,8 +49,13 @@ CONFIGS = {
     "dense-fp32": ("project pipeline, dense head, fp32", dict(project=True, sparse=False, precision="fp32")),
     "sparse-fp32": ("project pipeline, sparse head, fp32", dict(project=True, sparse=True, precision="fp32")),
     "dense-bf16": ("project pipeline, dense head, bf16", dict(project=True, sparse=False, precision="bf16")),
+    "sparse-bf16": ("project pipeline, sparse head, bf16", dict(project=True, sparse=True, precision="bf16")),
     "no-cpu-kernels": ("project defaults without the CPU speed-ups (dropout, attention, memory reuse)",
                        dict(project=True, sparse=True, precision="auto", cpu_kernels=False)),
+    "torch-dropout": ("project defaults with torch's dropout masks", dict(project=True, sparse=True,
+                                                                        precision="auto", dropout=False)),
+    "sdpa-attention": ("project defaults with SDPA attention while training",
+                       dict(project=True, sparse=True, precision="auto", attention=False)),
     "glibc-malloc": ("project defaults with glibc's malloc returning freed memory",
                      dict(project=True, sparse=True, precision="auto", reuse_memory=False)),
     "project": ("project defaults: sparse head, precision auto", dict(project=True, sparse=True, precision="auto")),
@@ -212,11 +220,11 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
 
         from utils.masking import build_collator
         from utils.mlm_head import install_mlm_head
-        from utils.precision import apply_precision
+        from utils.precision import apply_precision, gemm_shapes
         from utils.training import build_trainer
 
         args = TrainingArguments(**common)
-        apply_precision(args, settings["precision"])
+        apply_precision(args, settings["precision"], gemm_shapes(model.config, BATCH * SEQ))
         train, evaluation = load_from_disk(data / "train"), load_from_disk(data / "eval")
         data_args = SimpleNamespace(mlm_probability=MLM_PROBABILITY, mask_replace_prob=0.8, random_replace_prob=0.1,
                                     whole_word_mask=False, pad_to_multiple_of=None)
@@ -228,7 +236,8 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
         from utils.cpu import speed_up_for_cpu
 
         if settings.get("cpu_kernels", True):
-            speed_up_for_cpu(model, reuse_memory=settings.get("reuse_memory", True))
+            speed_up_for_cpu(model, reuse_memory=settings.get("reuse_memory", True),
+                             dropout=settings.get("dropout", True), attention=settings.get("attention", True))
         trainer = build_trainer(model, tokenizer, args, train, evaluation, collator, callbacks=[timer.callback])
         masked_fraction = MLM_PROBABILITY if settings["sparse"] else 1.0
 
@@ -304,6 +313,9 @@ def main() -> None:
                   for _ in range(args.repeats)]
         peaks = {dtype: max(rate, matmul_peak(dtype)) for dtype, rate in before.items()}
         gemms = max(gemms_before, model_gemm_rate("bfloat16"))
+        from utils.precision import cpu_description
+
+        print(f"CPU: {cpu_description()}")
         print(f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"matmul peak bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s")
         print(f"Ceiling: this model's own matrix products alone (sparse head, bf16) run at {gemms / 1e9:.0f} GFLOP/s "

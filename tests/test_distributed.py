@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 from utils.tokenizer import train_wordpiece_tokenizer
 
@@ -236,3 +237,21 @@ def test_two_nodes_on_localhost_train_and_save_once(corpus, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "all_results.json").exists()
     assert "Writing model shards" in outputs[0][1] and "Writing model shards" not in outputs[1][1]
     assert json.loads((out / "all_results.json").read_text())["train_samples"] > 0
+
+
+def test_cpu_processes_get_their_share_of_the_cpus(monkeypatch):
+    from types import SimpleNamespace
+
+    from utils.distributed import fit_cpu_threads
+
+    before = torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(usable))
+    try:
+        torch.set_num_threads(2)  # what accelerate gives when it counts a host's cores
+        line = fit_cpu_threads(SimpleNamespace(device=torch.device("cpu")))
+        assert torch.get_num_threads() == 1
+        assert line.startswith(f"1 thread per process ({usable} usable CPUs / {usable} processes")
+        assert fit_cpu_threads(SimpleNamespace(device=torch.device("cpu"))) is None  # already fair: unchanged
+    finally:
+        torch.set_num_threads(before)

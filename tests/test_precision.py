@@ -41,3 +41,46 @@ def test_explicit_choices_and_contradictions():
     assert precision.apply_precision(args(bf16=True), "bf16") == "bf16"
     with pytest.raises(UsageError, match="--precision fp32 contradicts --bf16"):
         precision.apply_precision(args(bf16=True), "fp32")
+
+
+def test_cpu_auto_takes_bf16_only_where_its_matmuls_are_clearly_faster(tmp_path, caplog):
+    """The measured rates decide, not the CPU flags: AMX-like rates give bf16, AVX512-BF16-like rates fp32."""
+    import logging
+
+    shapes = [(2048, 384, 1536)]
+    for case, (rates, expected) in enumerate((({"bfloat16": 2385.0, "float32": 307.0}, "bf16"),   # AMX: 7.8x
+                            ({"bfloat16": 194.0, "float32": 314.0}, "no"),      # AVX512-BF16 only: 0.62x
+                            ({"bfloat16": 330.0, "float32": 300.0}, "no"))):    # a wash: autocast's casts lose
+        a = args()
+        with mock.patch.object(precision, "native_bf16", return_value=(True, "this CPU")), \
+                mock.patch.object(precision, "matmul_rates", return_value=rates), \
+                caplog.at_level(logging.INFO, logger="utils.precision"):
+            assert precision.apply_precision(a, "auto", shapes, tmp_path / str(case)) == expected
+        assert a.bf16 == (expected == "bf16")
+        line = caplog.records[-1].getMessage()
+        assert f"bf16 matmul runs at {rates['bfloat16']:.0f} GFLOP/s and fp32 at {rates['float32']:.0f}" in line
+
+
+def test_the_timing_is_cached_per_cpu_and_shape(tmp_path):
+    measured = []
+
+    def fake_rates(shapes):
+        measured.append(shapes)
+        return {"bfloat16": 100.0, "float32": 200.0}
+
+    with mock.patch.object(precision, "matmul_rates", side_effect=fake_rates):
+        first = precision.cpu_precision([(64, 32, 32)], tmp_path)
+        again = precision.cpu_precision([(64, 32, 32)], tmp_path)
+        other = precision.cpu_precision([(64, 32, 64)], tmp_path)
+    assert len(measured) == 2 and first[0] == again[0] == other[0] == "no"
+    assert "measured in" in first[2] and "cached" in again[2] and "measured earlier" in again[2]
+
+
+def test_real_timing_is_a_fraction_of_a_second(tmp_path):
+    import time
+
+    started = time.perf_counter()
+    chosen, rates, origin = precision.cpu_precision(precision.gemm_shapes(
+        type("C", (), {"hidden_size": 64, "intermediate_size": 256})(), 512), tmp_path)
+    assert time.perf_counter() - started < 3 and chosen in ("bf16", "no")
+    assert rates["bfloat16"] > 0 and rates["float32"] > 0 and "measured in" in origin

@@ -133,8 +133,11 @@ def reuse_freed_memory() -> bool:
                for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20)))
 
 
-def speed_up_for_cpu(model, reuse_memory: bool = True) -> list[str]:
-    """Swap in the faster dropout and attention above and keep freed memory; returns what changed, to log."""
+def speed_up_for_cpu(model, reuse_memory: bool = True, dropout: bool = True, attention: bool = True) -> list[str]:
+    """Swap in the faster dropout and attention above and keep freed memory; returns what changed, to log.
+
+    Each lever can be left out (the benchmark measures them one by one on each CPU class).
+    """
     from transformers import AttentionInterface
 
     changes = []
@@ -143,14 +146,14 @@ def speed_up_for_cpu(model, reuse_memory: bool = True) -> list[str]:
     replaced = 0
     for module in model.modules():
         for name, child in module.named_children():
-            if type(child) is nn.Dropout:
+            if dropout and type(child) is nn.Dropout:
                 fast = FastDropout(child.p)
                 fast.train(child.training)  # a new module would start in training mode
                 setattr(module, name, fast)
                 replaced += 1
     if replaced:
         changes.append(f"{replaced} dropout layers draw masks 4 per random number")
-    if getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
+    if attention and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
         AttentionInterface.register(ATTENTION_NAME, cpu_attention)
         model.set_attn_implementation(ATTENTION_NAME)
         changes.append("attention runs as matmul-softmax-matmul while training (SDPA otherwise)")

@@ -57,6 +57,28 @@ def join_cpu_process_group() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "1"
 
 
+def fit_cpu_threads(training_args) -> str | None:
+    """Give each CPU process its share of the machine's CPUs; returns a line to log when that changed anything.
+
+    accelerate sets threads per process from the physical cores psutil reports, which in a
+    container or a VM limited to fewer CPUs counts the host's: 2 processes on 2 usable CPUs
+    got 2 threads each, oversubscribed. Here the share is the CPUs this process may run on
+    (its affinity) divided by the processes on this machine. A smaller number chosen by the
+    user (OMP_NUM_THREADS) is kept.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1 or training_args.device.type != "cpu":
+        return None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, usable // local)
+    current = torch.get_num_threads()
+    if current <= share:
+        return None
+    torch.set_num_threads(share)
+    return (f"{share} thread{'s' if share > 1 else ''} per process ({usable} usable CPUs / {local} processes on "
+            f"this machine; the launcher gave {current}, which oversubscribes the CPUs)")
+
+
 def check_process_group(training_args) -> None:
     """Refuse to run when the launched processes did not form one training (they would train apart)."""
     launched = launched_world_size()

@@ -31,6 +31,10 @@ def setup_logging(training_args) -> None:
         logging.getLogger(name).setLevel(min(own_level, library_level))
     # One-line summaries of each process (rank, checksums) show on every rank.
     logging.getLogger("run_mlm.process").setLevel(logging.INFO)
+
+
+def log_process(training_args) -> None:
+    """One line per process: its rank, device and mixed precision (after the precision is chosen)."""
     logging.getLogger("run_mlm").warning(
         "Process rank %d of %d, device %s, mixed precision %s",
         training_args.process_index, training_args.world_size, training_args.device,

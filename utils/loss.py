@@ -66,10 +66,16 @@ class ChunkedCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        in_place = logits.dtype == torch.float32  # fp32 logits: compute each chunk in grad itself, no copy back
         for start in range(0, logits.shape[0], ChunkedCrossEntropySum.CHUNK):
             rows = slice(start, start + ChunkedCrossEntropySum.CHUNK)
-            probs = (logits[rows].float() - lse[rows, None]).exp_()  # softmax
+            if in_place:
+                probs = torch.sub(logits[rows], lse[rows, None], out=grad[rows]).exp_()  # softmax
+            else:
+                probs = (logits[rows].float() - lse[rows, None]).exp_()
             chunk_targets = targets[rows]
             probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1
-            grad[rows] = probs.mul_(grad_output)
+            probs.mul_(grad_output)
+            if not in_place:
+                grad[rows] = probs
         return grad, None

@@ -1,8 +1,21 @@
-"""Numeric precision: bf16 mixed precision where the hardware runs it natively, fp32 elsewhere."""
+"""Numeric precision: bf16 mixed precision where it is faster on the hardware at hand, fp32 elsewhere.
+
+GPUs and TPUs with bf16 units train in bf16. CPUs differ: with AMX (Sapphire Rapids and
+later) a bf16 matmul runs about 6x fp32; with AVX512-BF16 but no AMX (Cooper Lake, AMD Zen
+4/5) it runs at half to three quarters of fp32, and bf16 autocast slows training down. A CPU
+flag cannot tell the two apart reliably (oneDNN may be limited by ONEDNN_MAX_CPU_ISA, a VM
+may hide units), so on a CPU `--precision auto` times a bf16 and an fp32 matmul at the
+model's own shapes for a fraction of a second, once per CPU, torch version, thread count
+and shape (cached), and takes bf16 only where it clearly wins.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -11,18 +24,38 @@ from utils.errors import UsageError
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# bf16 autocast casts every weight and activation it multiplies, each step: its matmuls have
+# to win clearly for training to be faster. Measured: AMX 4-6x (bf16 faster), AVX512-BF16
+# without AMX 0.5-0.75x (fp32 faster); see bench/RESULTS.md.
+BF16_MARGIN = 1.25
+CACHE_FILE = "cpu_precision.json"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def _cpu_bf16() -> bool:
     try:  # private helpers of torch.cpu; read /proc/cpuinfo where they are missing
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     except AttributeError:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = f.read()
-        except OSError:
-            return False
+        flags = _cpu_flags()
         return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_description() -> str:
+    """The CPU model and its bf16 features, e.g. "Intel(R) Xeon(R) ... (AMX, AVX512-BF16)"."""
+    info = _cpu_flags()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    features = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if flag in flags]
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{model} ({', '.join(features) or 'no bf16 units'}{f'; ONEDNN_MAX_CPU_ISA={limit}' if limit else ''})"
 
 
 def native_bf16(device) -> tuple[bool, str]:
@@ -39,20 +72,83 @@ def native_bf16(device) -> tuple[bool, str]:
     return False, f"{device.type} device"
 
 
-def apply_precision(training_args, precision: str) -> str:
+def gemm_shapes(config, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of a transformer layer's big matrix products for `tokens` tokens: attention projections, the MLP."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 768
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None) or 4 * hidden
+    return [(tokens, hidden, hidden), (tokens, hidden, intermediate), (tokens, intermediate, hidden)]
+
+
+def matmul_rates(shapes: list[tuple[int, int, int]], seconds: float = 0.15) -> dict[str, float]:
+    """GFLOP/s of bf16 and fp32 matmuls of `shapes` in this process, each dtype timed for about `seconds`."""
+    rates = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        pairs = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+        flops = sum(2 * m * k * n for m, k, n in shapes)
+        for a, b in pairs:  # warm-up: first calls pick and prepare kernels
+            a @ b
+        rounds, start = 0, time.perf_counter()
+        while rounds < 2 or time.perf_counter() - start < seconds:
+            for a, b in pairs:
+                a @ b
+            rounds += 1
+        rates[str(dtype).removeprefix("torch.")] = flops * rounds / (time.perf_counter() - start) / 1e9
+    return rates
+
+
+def cpu_precision(shapes: list[tuple[int, int, int]], cache_dir: Path | None = None) -> tuple[str, dict, str]:
+    """("bf16" or "no", the rates, where they came from): bf16 where its matmuls beat fp32's by BF16_MARGIN."""
+    key = "|".join([cpu_description(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
+                    str(shapes)])
+    cache = Path(cache_dir) / CACHE_FILE if cache_dir else None
+    known = {}
+    if cache is not None and cache.exists():
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+    if key in known:
+        rates, origin = known[key], f"measured earlier, cached in {cache}"
+    else:
+        started = time.perf_counter()
+        rates = matmul_rates(shapes)
+        origin = f"measured in {time.perf_counter() - started:.2f} s"
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+                tmp.write_text(json.dumps({**known, key: rates}, indent=1))
+                os.replace(tmp, cache)
+                origin += f", cached in {cache}"
+            except OSError:
+                pass
+    return ("bf16" if rates["bfloat16"] >= BF16_MARGIN * rates["float32"] else "no"), rates, origin
+
+
+def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, int]] | None = None,
+                    cache_dir: Path | None = None) -> str:
     """Set the run's mixed precision from --precision; returns it ("bf16", "fp16" or "no").
 
     "auto" keeps what --bf16/--fp16 or the accelerate config chose, and otherwise turns bf16
-    on where the hardware has it. The TPU launcher does not pass the config's
-    mixed_precision to the processes, so without this a TPU run would train in fp32.
+    on where the hardware runs it faster: on GPUs and TPUs with bf16 units, and on a CPU
+    where a bf16 matmul at the model's `shapes` beats fp32 (timed, see `cpu_precision`).
+    The TPU launcher does not pass the config's mixed_precision to the processes, so
+    without this a TPU run would train in fp32.
     """
     chosen = training_args.mixed_precision  # from --bf16/--fp16 or ACCELERATE_MIXED_PRECISION
     if precision == "auto":
         has_bf16, device = native_bf16(training_args.device)
         if chosen == "no" and has_bf16:
-            chosen = "bf16"
-            logger.info("Precision: bf16 mixed precision (%s has bf16 matrix units; --precision fp32 to turn off)",
-                        device)
+            if training_args.device.type == "cpu" and shapes:
+                chosen, rates, origin = cpu_precision(shapes, cache_dir)
+                logger.info("Precision: %s (on %s, at the model's shapes, a bf16 matmul runs at %.0f GFLOP/s and "
+                            "fp32 at %.0f; bf16 is used where it is %.2fx fp32 or more; %s). --precision fp32 or "
+                            "bf16 to choose", "bf16 mixed precision" if chosen == "bf16" else "fp32",
+                            cpu_description(), rates["bfloat16"], rates["float32"], BF16_MARGIN, origin)
+            else:
+                chosen = "bf16"
+                logger.info("Precision: bf16 mixed precision (%s has bf16 matrix units; --precision fp32 to turn "
+                            "off)", device)
     else:
         wanted = "no" if precision == "fp32" else precision
         flagged = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
