@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import data, distributed, metrics, modeling, prepared, streaming, xla
+from utils import data, distributed, downstream, metrics, modeling, prepared, streaming, xla
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, locked_output_dir
@@ -267,6 +267,26 @@ class DataTrainingArguments:
         metadata={"help": "Sentences with [MASK] (or <mask>) to predict with the trained model at the end."},
     )
     fill_mask_top_k: int = field(default=5, metadata={"help": "Predictions shown per mask."})
+    downstream_train_file: list[str] | None = field(
+        default=None, metadata={"help": "After training, fine-tune the starting checkpoint (from scratch: the same "
+                                        "model untrained) and the trained model on this labelled data (csv, json, "
+                                        "parquet) and compare them over seeds; the table goes into the model card."})
+    downstream_validation_file: list[str] | None = field(
+        default=None, metadata={"help": "Labelled data to score that comparison on."})
+    downstream_builtin_task: str | None = field(
+        default=None, metadata={"help": "python_packages: a labelled task built from this machine's Python "
+                                        "docstrings (which package a paragraph comes from), instead of the files."})
+    downstream_text_column_name: str | None = field(default=None, metadata={"help": "Its text column."})
+    downstream_text_pair_column_name: str | None = field(default=None, metadata={"help": "Its second text column."})
+    downstream_label_column_name: str = field(default="label", metadata={"help": "Its label column."})
+    downstream_seeds: int = field(default=3, metadata={"help": "Fine-tuning runs per model (--seed, --seed + 1, ...)."})
+    downstream_learning_rate: float = field(default=1e-4, metadata={"help": "Fine-tuning learning rate."})
+    downstream_num_train_epochs: float = field(default=3.0, metadata={"help": "Fine-tuning epochs."})
+    downstream_batch_size: int = field(default=32, metadata={"help": "Fine-tuning batch size per device."})
+
+    @property
+    def downstream(self) -> bool:
+        return bool(self.downstream_builtin_task or self.downstream_train_file)
 
     def __post_init__(self):
         # A single path from an args file arrives as a string.
@@ -458,6 +478,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     if training_args.device.type == "cpu":
         for change in speed_up_for_cpu(model, reuse_memory=command_line):
             logger.info("CPU: %s", change)
+    untrained = None
+    if data_args.downstream and training_args.do_train and model_args.from_scratch:
+        # The baseline of "does pretraining help at all": this very model before any step.
+        untrained = downstream.save_untrained(model, tokenizer, training_args)
 
     # All input is checked: from here on this run writes to output_dir, and no other run may.
     # The lock and the signal handlers are released however the run ends (an error included).
@@ -519,6 +543,14 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                                         data_args.fill_mask_top_k)
             print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
                   flush=True)
+
+        # 14. Did it help? Fine-tune the starting point and the trained model on a labelled task,
+        #     over seeds; the table goes into the model card.
+        if data_args.downstream and training_args.do_train:
+            summary = downstream.compare_after_training(
+                model_args.model_name_or_path or untrained, training_args.output_dir, data_args, training_args,
+                command_line)
+            results["downstream"] = {name: summary[name]["accuracy_mean"] for name in ("start", "trained")}
     return results
 
 

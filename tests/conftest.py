@@ -78,13 +78,14 @@ def tiny_run_args(output_dir, train_file, *extra) -> list[str]:
 
 
 def accelerate_launch(config: str, args: list[str], launcher_args: list[str] = (), env: dict | None = None,
-                      timeout: int = 600, wait: bool = True):
+                      timeout: int = 600, wait: bool = True, script: str | None = None):
     """`accelerate launch --config_file <config> [launcher_args] run_mlm.py <args>` as a subprocess.
 
+    `script`: another script or, with launcher_args ["-m"], a module (utils.downstream).
     With wait=False, returns the Popen (for launches that must run side by side).
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
-               *launcher_args, str(REPO / "run_mlm.py"), *map(str, args)]
+               *launcher_args, script or str(REPO / "run_mlm.py"), *map(str, args)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -102,3 +102,34 @@ def test_nonfinite_skip_is_refused_on_xla_and_stop_is_announced():
     with pytest.raises(UsageError, match="--nonfinite_loss skip is not supported on XLA"):
         nonfinite_check_note("skip")
     assert "not checked" in nonfinite_check_note("stop")
+
+
+@needs_xla
+def test_downstream_fine_tunes_on_xla(tmp_path, corpus):
+    """utils.downstream under the TPU config: classification on torch_xla's CPU backend, static shapes."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from utils.tokenizer import train_wordpiece_tokenizer
+
+    from .test_downstream import labelled_rows, write_csv
+
+    model = tmp_path / "model"
+    tokenizer = train_wordpiece_tokenizer([t for t, _ in labelled_rows(300, 2)], vocab_size=120, model_max_length=64)
+    tokenizer.save_pretrained(model)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64)).save_pretrained(model)
+    train, dev = write_csv(tmp_path / "train.csv", labelled_rows(160, 0)), write_csv(tmp_path / "dev.csv",
+                                                                                     labelled_rows(64, 1))
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "PYTHONUNBUFFERED": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(
+        [XLA_PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs/tpu.yaml"),
+         "-m", "utils.downstream", "--models", f"tiny={model}", "--train_file", train, "--validation_file", dev,
+         "--seeds", "1", "--output_dir", str(tmp_path / "out"), "--learning_rate", "5e-3", "--num_train_epochs", "3",
+         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_seq_length", "32",
+         "--disable_tqdm", "true"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "device xla:0" in result.stdout + result.stderr
+    saved = json.loads((tmp_path / "out" / "downstream_results.json").read_text())
+    assert saved["tiny"]["accuracy_mean"] > saved["task"]["majority_accuracy"] + 0.2

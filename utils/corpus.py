@@ -62,6 +62,12 @@ def _prose_paragraphs(docstring: str) -> list[str]:
 
 def iter_python_docstrings(stdlib_dir: str | None = None):
     """Yield prose paragraphs from the docstrings of the standard library, in a fixed order."""
+    for _, paragraph in iter_python_docstrings_by_file(stdlib_dir):
+        yield paragraph
+
+
+def iter_python_docstrings_by_file(stdlib_dir: str | None = None):
+    """Yield (file path relative to the standard library, paragraph), in a fixed order."""
     root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
@@ -77,7 +83,9 @@ def iter_python_docstrings(stdlib_dir: str | None = None):
                 if isinstance(node, _DOCSTRING_OWNERS):
                     docstring = ast.get_docstring(node)
                     if docstring:
-                        yield from _prose_paragraphs(docstring)
+                        relative = (Path(dirpath) / filename).relative_to(root)
+                        for paragraph in _prose_paragraphs(docstring):
+                            yield relative, paragraph
 
 
 def build_corpus(name: str, cache_dir: str | None = None) -> Path:
@@ -100,3 +108,46 @@ def build_corpus(name: str, cache_dir: str | None = None) -> Path:
             f.write(paragraph + "\n")
     os.replace(tmp, path)
     return path
+
+
+LABELLED_TASKS = ("python_packages",)
+
+
+def build_labelled_task(name: str, cache_dir: str | None = None, n_labels: int = 4,
+                        per_label: int = 300) -> dict[str, list[str]]:
+    """A labelled task from this machine's standard library: which package a docstring paragraph comes from.
+
+    The `n_labels` packages with the most paragraphs, `per_label` paragraphs each (fewer if a
+    package has fewer), a fifth of each held out for validation (by a hash of the text, so
+    the split does not depend on order). Written once per Python version as csv files
+    (text,label); returns {"train": [path], "validation": [path]}.
+    """
+    import csv
+    import hashlib
+    from collections import defaultdict
+
+    if name not in LABELLED_TASKS:
+        raise ValueError(f"unknown builtin task {name!r}; choose one of {', '.join(LABELLED_TASKS)}")
+    directory = run_cache_dir(cache_dir) / "tasks" / f"{name}-py{'.'.join(map(str, sys.version_info[:3]))}"
+    paths = {split: directory / f"{split}.csv" for split in ("train", "validation")}
+    if all(p.exists() for p in paths.values()):
+        return {split: [str(p)] for split, p in paths.items()}
+    by_package: dict[str, list[str]] = defaultdict(list)
+    for relative, paragraph in iter_python_docstrings_by_file():
+        if len(relative.parts) > 1 and relative.parts[0] not in ("idlelib", "pydoc_data", "encodings"):
+            by_package[relative.parts[0]].append(paragraph)
+    packages = sorted(by_package, key=lambda p: (-len(set(by_package[p])), p))[:n_labels]
+    rows = {"train": [], "validation": []}
+    for package in sorted(packages):
+        for paragraph in sorted(set(by_package[package]))[:per_label]:
+            held_out = int(hashlib.sha1(paragraph.encode()).hexdigest(), 16) % 5 == 0
+            rows["validation" if held_out else "train"].append((paragraph, package))
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, path in paths.items():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows[split])
+        os.replace(tmp, path)
+    return {split: [str(p)] for split, p in paths.items()}
