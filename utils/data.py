@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict, Features, LargeList, Value, load_data
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
-from utils.encoding import check_no_padding, encode_to_arrays, exact_copy, is_exact
+from utils.encoding import check_no_padding, encode_to_arrays, encode_with_word_starts, exact_copy, word_starts_of
 from utils.errors import UsageError, one_line
 from utils.masking import WORD_STARTS
 
@@ -225,34 +225,21 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def tokenize_batch(batch: pa.Table, tokenizer, text_column: str, dtype: str) -> pa.Table:
+def tokenize_batch(batch: pa.Table, tokenizer, text_column: str, dtype: str,
+                   with_word_starts: bool = False) -> pa.Table:
     """`datasets.map` function (arrow format): one row of token ids per non-blank text, nothing else.
 
     `tokenizer` is exact (`utils.encoding.exact_copy`). Attention masks and token type ids are
     implied by full blocks, so they are not stored; ids take the smallest integer type (a
-    quarter of the int64 the reference stores).
+    quarter of the int64 the reference stores). With `with_word_starts` (whole-word masking,
+    fast tokenizers), a `word_starts` row too: one byte per token.
     """
     texts = _non_blank(batch.column(text_column).to_pylist())
-    ids, offsets = encode_to_arrays(texts, tokenizer, dtype)
-    return pa.table({"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))})
-
-
-def word_starts_of(word_ids: list[int | None]) -> list[int]:
-    """1 where a token begins a word (the tokenizer's pre-tokenized word), 0 inside one; specials are 1."""
-    return [int(word is None or i == 0 or word != word_ids[i - 1]) for i, word in enumerate(word_ids)]
-
-
-def tokenize_batch_with_word_starts(batch: pa.Table, tokenizer, text_column: str, dtype: str) -> pa.Table:
-    """As `tokenize_batch`, plus a `word_starts` row per text for whole-word masking (fast tokenizers)."""
-    texts = _non_blank(batch.column(text_column).to_pylist())
-    if not is_exact(tokenizer):
-        raise ValueError("tokenize_batch_with_word_starts needs utils.encoding.exact_copy(tokenizer)")
-    # encode_batch, not encode_batch_fast: word ids come with the offsets it tracks.
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
-    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=dtype)
-    check_no_padding(ids, texts, tokenizer)
-    starts = np.fromiter((s for e in encodings for s in word_starts_of(e.word_ids)), dtype=np.uint8, count=len(ids))
-    offsets = pa.array(np.cumsum([0, *(len(e.ids) for e in encodings)], dtype=np.int64))
+    if not with_word_starts:
+        ids, offsets = encode_to_arrays(texts, tokenizer, dtype)
+        return pa.table({"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))})
+    ids, offsets, starts = encode_with_word_starts(texts, tokenizer, dtype)
+    offsets = pa.array(offsets)
     return pa.table({"input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(ids)),
                      WORD_STARTS: pa.LargeListArray.from_arrays(offsets, pa.array(starts))})
 
@@ -430,8 +417,9 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
             features = {"input_ids": LargeList(Value(dtype)),
                         **({WORD_STARTS: LargeList(Value("uint8"))} if word_starts else {})}
             tokenized = dataset.select_columns([text_column]).with_format("arrow").map(
-                tokenize_batch_with_word_starts if word_starts else tokenize_batch,
-                fn_kwargs={"tokenizer": exact, "text_column": text_column, "dtype": dtype},
+                tokenize_batch,
+                fn_kwargs={"tokenizer": exact, "text_column": text_column, "dtype": dtype,
+                           "with_word_starts": word_starts},
                 remove_columns=[text_column],
                 features=Features(features),
                 desc=f"Tokenizing {split}",

@@ -21,14 +21,14 @@ choices of run_mlm.py apply.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
-import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run by its path: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from utils.errors import UsageError, one_line  # noqa: E402
+from utils.precision import PRECISIONS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class DownstreamArguments:
     seeds: int = field(default=5, metadata={"help": "Seeds per model: --seed, --seed + 1, ..."})
     max_seq_length: int = field(default=128, metadata={"help": "Longer texts are truncated to this many tokens."})
     precision: str = field(default="auto", metadata={"help": "As run_mlm.py's: auto, bf16, fp16, fp32.",
-                                                     "choices": ["auto", "bf16", "fp16", "fp32"]})
+                                                     "choices": list(PRECISIONS)})
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloads and built tasks are cached."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
 
@@ -215,7 +216,6 @@ def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed
     """Fine-tune `source` once with `seed`; returns validation (and test) accuracy and macro-F1, and the seconds."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
-    from utils import xla
     from utils.cpu import speed_up_for_cpu
 
     started = time.time()
@@ -238,8 +238,6 @@ def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed
         speed_up_for_cpu(model, reuse_memory=command_line)
     counts = ConfusionCounts(len(labels))
     evaluation = data["validation"]
-    if xla.on_xla(run_args):
-        evaluation = xla.trim_to_full_batches(evaluation, run_args.per_device_eval_batch_size, run_args.world_size)
     trainer = Trainer(model=model, args=run_args, train_dataset=data["train"], eval_dataset=evaluation,
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
                       compute_metrics=counts, preprocess_logits_for_metrics=predicted_labels)
@@ -269,16 +267,13 @@ def compare(args, training_args, command_line: bool = False, cards: set[str] | N
     from utils.precision import apply_precision, gemm_shapes
     from utils.prepared import tokenizer_fingerprint
     from utils.tokenizer import load_pretrained_tokenizer
+    from utils.training import adjust_training_args
 
     training_args.save_strategy = "no"
-    training_args.batch_eval_metrics = True
-    training_args.remove_unused_columns = False
-    if training_args.device.type == "cpu":
-        training_args.dataloader_pin_memory = False
+    adjust_training_args(training_args)  # run_mlm's: batch-wise metrics, all columns to the collator, no pinning
     on_xla = xla.on_xla(training_args)
     if on_xla:
-        xla.adapt_for_xla(training_args, dataclasses.make_dataclass("D", [("line_by_line", bool, False),
-                                                                          ("pad_to_max_length", bool, True)])())
+        xla.adapt_for_xla(training_args, SimpleNamespace(line_by_line=False, pad_to_max_length=True))
     task, info = load_task(args, training_args)
     sources = model_sources(args.models)
     configs = []
@@ -291,21 +286,23 @@ def compare(args, training_args, command_line: bool = False, cards: set[str] | N
     shapes = gemm_shapes(configs[0], training_args.per_device_train_batch_size * args.max_seq_length)
     apply_precision(training_args, args.precision, shapes, run_cache_dir(args.cache_dir))
     log_process(training_args)
+    seeds = [training_args.seed + i for i in range(args.seeds)]
     logger.info("Comparing %s on %d labels (%d training, %d validation examples; majority class %.4f), seeds %s",
                 ", ".join(name for name, _ in sources), len(info["labels"]), info["train_size"],
-                info["validation_size"], info["majority_accuracy"],
-                ", ".join(str(training_args.seed + i) for i in range(args.seeds)))
-    seeds = [training_args.seed + i for i in range(args.seeds)]
+                info["validation_size"], info["majority_accuracy"], ", ".join(map(str, seeds)))
+    model_args = SimpleNamespace(cache_dir=args.cache_dir, use_fast_tokenizer=True, model_revision="main",
+                                 token=args.token, trust_remote_code=False)
     tokenized: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {}
     for name, source in sources:
-        model_args = type("M", (), dict(cache_dir=args.cache_dir, use_fast_tokenizer=True, model_revision="main",
-                                        token=args.token, trust_remote_code=False))()
         tokenizer = load_pretrained_tokenizer(source, model_args, "models")
         key = tokenizer_fingerprint(tokenizer)
         if key not in tokenized:  # once per distinct tokenizer, for every seed and model that shares it
             with training_args.main_process_first(desc="tokenizing"):
                 tokenized[key] = tokenize(task, tokenizer, args.max_seq_length, pad=on_xla)
+            if on_xla:  # whole batches only: one evaluation shape
+                tokenized[key]["validation"] = xla.trim_to_full_batches(
+                    tokenized[key]["validation"], training_args.per_device_eval_batch_size, training_args.world_size)
         runs[name] = []
         for seed in seeds:
             result = finetune(source, tokenizer, tokenized[key], info, training_args, seed, args, command_line)
@@ -328,10 +325,8 @@ def compare(args, training_args, command_line: bool = False, cards: set[str] | N
 # --- the comparison --------------------------------------------------------------------------------
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(runs: dict[str, list[dict]], task: dict, hyperparameters: dict) -> dict:

@@ -66,20 +66,47 @@ def encode_to_arrays(texts: list[str], tokenizer, dtype: str) -> tuple[np.ndarra
     backend's `encode_batch_fast` (no offsets, no Python-side BatchEncoding): this is most of
     the raw tokenizer's speed. Slow (Python) tokenizers go through their own `__call__`.
     """
-    backend = getattr(tokenizer, "_tokenizer", None)
+    backend = _exact_backend(tokenizer)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
-        if not is_exact(tokenizer):
-            raise ValueError(f"the tokenizer {own_padding(tokenizer) or 'splits special tokens unlike its wrapper'}:"
-                             " encode with utils.encoding.exact_copy(tokenizer)")
         sequences = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
     else:
         sequences = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False,
                               verbose=False)["input_ids"]
+    ids, offsets = _flatten(sequences, dtype)
+    check_no_padding(ids, texts, tokenizer)
+    return ids, offsets
+
+
+def encode_with_word_starts(texts: list[str], tokenizer, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As `encode_to_arrays` (fast tokenizers only), plus 1 (uint8) where a token begins a word, 0 inside one."""
+    # encode_batch, not encode_batch_fast: word ids come with the offsets it tracks.
+    encodings = _exact_backend(tokenizer).encode_batch(texts, add_special_tokens=True)
+    ids, offsets = _flatten([e.ids for e in encodings], dtype)
+    check_no_padding(ids, texts, tokenizer)
+    starts = np.fromiter((s for e in encodings for s in word_starts_of(e.word_ids)), dtype=np.uint8, count=len(ids))
+    return ids, offsets, starts
+
+
+def word_starts_of(word_ids: list[int | None]) -> list[int]:
+    """1 where a token begins a word (the tokenizer's pre-tokenized word), 0 inside one; specials are 1."""
+    return [int(word is None or i == 0 or word != word_ids[i - 1]) for i, word in enumerate(word_ids)]
+
+
+def _exact_backend(tokenizer):
+    """The fast tokenizer's backend (None for a slow one), refused if it pads, truncates or splits specials itself."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and not is_exact(tokenizer):
+        raise ValueError(f"the tokenizer {own_padding(tokenizer) or 'splits special tokens unlike its wrapper'}:"
+                         " encode with utils.encoding.exact_copy(tokenizer)")
+    return backend
+
+
+def _flatten(sequences: list[list[int]], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The sequences as one flat array of `dtype`, and each one's offset into it (len + 1 offsets)."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=int(offsets[-1]))
-    check_no_padding(ids, texts, tokenizer)
     return ids, offsets
 
 

@@ -125,10 +125,10 @@ def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
         raise UsageError(f"--tokenized_dataset_path {path} was written by another version of prepare_dataset "
                          f"(format {manifest.get('format_version')}, this one reads {FORMAT_VERSION}); prepare "
                          "it again")
-    if tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint != manifest["tokenizer_fingerprint"]:
         raise UsageError(f"--tokenized_dataset_path {path} was tokenized with another tokenizer (fingerprint "
-                         f"{manifest['tokenizer_fingerprint']}, this run's is {tokenizer_fingerprint(tokenizer)}); "
-                         + redo)
+                         f"{manifest['tokenizer_fingerprint']}, this run's is {fingerprint}); " + redo)
     if data_args.max_seq_length is not None and data_args.max_seq_length != manifest["block_size"]:
         raise UsageError(f"--max_seq_length {data_args.max_seq_length} differs from the block size "
                          f"{manifest['block_size']} of --tokenized_dataset_path {path}; drop --max_seq_length "
