@@ -91,6 +91,31 @@ def test_comparison_beats_the_majority_and_writes_everything(tmp_path, task, tin
     assert card.count("## Downstream") == 1 and "## Use" in card and "| base |" in card
 
 
+def test_pairs_other_column_names_a_test_split_and_a_sentence_transformers_checkpoint(tmp_path):
+    """Text pairs, columns named otherwise, --test_file, and an encoder without MLM head whose tokenizer.json pads."""
+    from .test_tokenization_fidelity import sentence_transformers_checkpoint
+
+    checkpoint = sentence_transformers_checkpoint(tmp_path)
+
+    def pairs(n, seed):
+        return [(a, b, "same" if label_a == label_b else "different")
+                for (a, label_a), (b, label_b) in zip(labelled_rows(n, seed), labelled_rows(n, seed + 100))]
+
+    header = ("first", "second", "relation")
+    train = write_csv(tmp_path / "train.csv", pairs(160, 0), header)
+    dev = write_csv(tmp_path / "dev.csv", pairs(40, 1), header)
+    test = write_csv(tmp_path / "test.csv", pairs(40, 2), header)
+    summary = main(["--models", f"st={checkpoint}", "--train_file", train, "--validation_file", dev,
+                    "--test_file", test, "--text_column_name", "first", "--text_pair_column_name", "second",
+                    "--label_column_name", "relation", "--seeds", "1", "--output_dir", str(tmp_path / "out"),
+                    "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--max_seq_length", "32",
+                    "--precision", "fp32", "--disable_tqdm", "true"])
+    assert summary["task"]["labels"] == ["different", "same"] and summary["task"]["test_size"] == 40
+    run = summary["st"]["per_seed"][0]
+    assert 0 <= run["accuracy"] <= 1 and 0 <= run["test_accuracy"] <= 1 and 0 <= run["test_f1_macro"] <= 1
+    assert "## Downstream" in (checkpoint / "README.md").read_text()
+
+
 def test_aggregation_against_hand_computed_values():
     runs = {
         "base": [{"seed": 1, "accuracy": 0.50, "f1_macro": 0.40, "seconds": 1.0},
@@ -178,15 +203,20 @@ def test_two_processes_give_the_one_process_results(tmp_path, task, tiny_model):
     assert second["f1_macro"] == pytest.approx(first["f1_macro"], abs=1e-6)
 
 
-def test_run_mlm_compares_the_untrained_and_the_trained_model(tmp_path, task, corpus):
+def test_run_mlm_compares_the_untrained_and_the_trained_model(tmp_path, corpus):
     from run_mlm import main as run_mlm
 
     from .conftest import tiny_run_args
 
-    train, dev = task
+    # Columns named otherwise, as a user's file may have them.
+    header = ("sentence", "category")
+    train = write_csv(tmp_path / "train.csv", labelled_rows(320, 0), header)
+    dev = write_csv(tmp_path / "dev.csv", labelled_rows(80, 1), header)
     metrics = run_mlm(tiny_run_args(tmp_path / "out", corpus, "--downstream_train_file", train,
                                     "--downstream_validation_file", dev, "--downstream_seeds", "2",
-                                    "--downstream_learning_rate", "5e-3", "--downstream_num_train_epochs", "2"))
+                                    "--downstream_learning_rate", "5e-3", "--downstream_num_train_epochs", "2",
+                                    "--downstream_text_column_name", "sentence",
+                                    "--downstream_label_column_name", "category", "--downstream_batch_size", "16"))
     assert set(metrics["downstream"]) == {"start", "trained"}
     saved = json.loads((tmp_path / "out" / "downstream" / "downstream_results.json").read_text())
     assert set(saved) == {"start", "trained", "task", "hyperparameters"}

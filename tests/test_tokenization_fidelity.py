@@ -208,7 +208,7 @@ def test_split_special_tokens_is_honoured(families):
 
 # --- a whole run: the sentence-transformers case --------------------------------------------------
 
-def sentence_transformers_checkpoint(directory: Path, corpus: Path) -> Path:
+def sentence_transformers_checkpoint(directory: Path) -> Path:
     """A BERT encoder with no MLM head and a tokenizer.json that pads and truncates at 16, as ST saves them."""
     source = build_bert_wordpiece(directory / "tokenizer-source")
     variant = save_variant(source, directory / "st-model", "padded")
@@ -223,7 +223,7 @@ def test_run_mlm_trains_on_the_texts_tokens_not_on_a_tokenizers_padding(tmp_path
     import run_mlm
 
     corpus = write_repetitive_corpus(tmp_path / "train.txt", n_lines=600)
-    checkpoint = sentence_transformers_checkpoint(tmp_path, corpus)
+    checkpoint = sentence_transformers_checkpoint(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     assert own_padding(tokenizer) is not None
     lines = [t for t in corpus.read_text().splitlines() if t.strip()]
@@ -256,7 +256,7 @@ def test_prepared_data_holds_exact_ids_and_old_padded_preparations_are_refused(t
     from utils.prepared import load_prepared
 
     corpus = write_repetitive_corpus(tmp_path / "train.txt", n_lines=300)
-    checkpoint = sentence_transformers_checkpoint(tmp_path, corpus)
+    checkpoint = sentence_transformers_checkpoint(tmp_path)
     prepared = tmp_path / "prepared"
     manifest = prepare_dataset.main(["--model_name_or_path", str(checkpoint), "--train_file", str(corpus),
                                      "--validation_split_percentage", "0", "--max_seq_length", "32",
