@@ -50,12 +50,14 @@ CONFIGS = {
     "sparse-fp32": ("project pipeline, sparse head, fp32", dict(project=True, sparse=True, precision="fp32")),
     "dense-bf16": ("project pipeline, dense head, bf16", dict(project=True, sparse=False, precision="bf16")),
     "sparse-bf16": ("project pipeline, sparse head, bf16", dict(project=True, sparse=True, precision="bf16")),
-    "no-cpu-kernels": ("project defaults without the CPU speed-ups (dropout, attention, memory reuse)",
+    "no-cpu-kernels": ("project defaults without the CPU speed-ups (dropout, attention, tied gradient, memory reuse)",
                        dict(project=True, sparse=True, precision="auto", cpu_kernels=False)),
     "torch-dropout": ("project defaults with torch's dropout masks", dict(project=True, sparse=True,
                                                                         precision="auto", dropout=False)),
     "sdpa-attention": ("project defaults with SDPA attention while training",
                        dict(project=True, sparse=True, precision="auto", attention=False)),
+    "untied-gradient": ("project defaults with autograd's sum of the tied embedding's two gradients",
+                        dict(project=True, sparse=True, precision="auto", tied_gradient=False)),
     "glibc-malloc": ("project defaults with glibc's malloc returning freed memory",
                      dict(project=True, sparse=True, precision="auto", reuse_memory=False)),
     "project": ("project defaults: sparse head, precision auto", dict(project=True, sparse=True, precision="auto")),
@@ -237,7 +239,8 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
 
         if settings.get("cpu_kernels", True):
             speed_up_for_cpu(model, reuse_memory=settings.get("reuse_memory", True),
-                             dropout=settings.get("dropout", True), attention=settings.get("attention", True))
+                             dropout=settings.get("dropout", True), attention=settings.get("attention", True),
+                             tied_gradient=settings.get("tied_gradient", True))
         trainer = build_trainer(model, tokenizer, args, train, evaluation, collator, callbacks=[timer.callback])
         masked_fraction = MLM_PROBABILITY if settings["sparse"] else 1.0
 

@@ -9,7 +9,16 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from utils.cpu import FastDropout, cpu_attention, keep_mask, matmul_attention, speed_up_for_cpu
+from utils.cpu import (
+    FastDropout,
+    cpu_attention,
+    fast_dropout,
+    keep_mask,
+    matmul_attention,
+    share_tied_gradient,
+    speed_up_for_cpu,
+)
+from utils.mlm_head import install_mlm_head
 
 
 def test_keep_mask_rate_shape_and_unbiased_lanes():
@@ -41,6 +50,21 @@ def test_fast_dropout_keeps_the_expectation_and_is_identity_in_eval():
     assert set(y.unique().tolist()) <= {0.0, 1.25}
     dropout.eval()
     assert torch.equal(dropout(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_is_the_keep_mask_scaled_forward_and_backward(dtype):
+    x = torch.randn(8, 3, 50, 70, dtype=dtype).transpose(1, 2).requires_grad_()  # a non-contiguous input too
+    torch.manual_seed(3)
+    y = fast_dropout(x, 0.3)
+    torch.manual_seed(3)
+    keep = keep_mask(x.shape, 0.3)  # the same draw
+    expected = torch.where(keep, x.detach() / 0.7, 0).to(dtype)
+    assert y.dtype == dtype and torch.allclose(y, expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    assert torch.allclose(x.grad, torch.where(keep, upstream / 0.7, 0).to(dtype),
+                          rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 def attention_inputs(dtype):
@@ -112,7 +136,8 @@ def test_model_with_speed_ups_predicts_the_same_and_saves_ordinary_checkpoints(t
     fast = BertForMaskedLM(config()).eval()
     fast.load_state_dict(plain.state_dict())
     changes = speed_up_for_cpu(fast)
-    assert len(changes) == 3 and any("attention" in c for c in changes) and any("dropout" in c for c in changes)
+    assert len(changes) == 4 and any("attention" in c for c in changes) and any("dropout" in c for c in changes)
+    assert any("tied embedding" in c for c in changes)
     assert plain.config._attn_implementation == "sdpa" and fast.config._attn_implementation == "run_mlm_cpu"
     assert not any(m.training for m in fast.modules())  # replaced dropout layers kept eval mode
     ids = torch.randint(5, 50, (3, 12))
@@ -165,3 +190,57 @@ def test_reuse_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them():
     # By default a 64 MB block is its own mmap (unmapped on free, faulted in again next
     # time); after reuse_freed_memory() it comes from the heap, which keeps it after free.
     assert out == ["True", "False", "True"]
+
+
+def tiny_tied_bert(**overrides):
+    config = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+    return BertForMaskedLM(config)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_tied_gradient_equals_autograds_sum(sparse, autocast):
+    """Same gradients as autograd's two-tensor sum, over two accumulated micro-batches with padding ids."""
+    torch.manual_seed(0)
+    plain = tiny_tied_bert()
+    fast = tiny_tied_bert()
+    fast.load_state_dict(plain.state_dict())
+    assert share_tied_gradient(fast) and not share_tied_gradient(tiny_tied_bert(tie_word_embeddings=False))
+    weight = fast.get_input_embeddings().weight
+    assert weight is fast.get_output_embeddings().weight  # still one tied Parameter
+    accumulated = []  # DDP reduces a gradient when it is accumulated: that must happen once per backward
+    weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+    for model in (plain, fast):
+        install_mlm_head(model, sparse=sparse)
+        model.train()
+        for batch in range(2):
+            ids = torch.randint(1, 300, (3, 20), generator=torch.Generator().manual_seed(batch))
+            ids[:, -4:] = 0  # padding: its embedding row gets no gradient from the lookup
+            labels = torch.full_like(ids, -100)
+            labels[:, 1::4] = ids[:, 1::4]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=labels, num_items_in_batch=10).loss
+            loss.backward()
+    assert len(accumulated) == 2
+    tolerance = 2e-2 if autocast else 1e-5
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=tolerance), name
+    # The lookup's part alone matters: without it the word embedding gradient would differ.
+    lookup_rows = torch.unique(ids[:, :-4])
+    assert plain.get_input_embeddings().weight.grad[lookup_rows].abs().sum() > 0
+
+
+def test_tied_gradient_leaves_evaluation_and_untied_models_alone():
+    torch.manual_seed(0)
+    model = tiny_tied_bert()
+    share_tied_gradient(model)
+    model.eval()
+    ids = torch.randint(1, 300, (2, 10))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # no graph: the plain lookup and projection
+    assert model.get_input_embeddings().tied.grad is None
+    model.train()
+    model(input_ids=ids).logits.sum().backward()  # a training graph after evaluation: one gradient, no leftovers
+    assert model.get_input_embeddings().weight.grad is not None and model.get_input_embeddings().tied.grad is None
+    assert logits.shape == (2, 10, 300)
