@@ -15,7 +15,7 @@ from run_mlm import main
 from utils.checkpoints import lock_output_dir, unlock_output_dir
 from utils.errors import UsageError
 from utils.tokenizer import train_wordpiece_tokenizer
-from utils.training import NonFiniteGradients
+from utils.training import NonFiniteGradients, NonFiniteGuard
 
 from .conftest import REPO, tiny_run_args
 
@@ -214,6 +214,25 @@ def test_nonfinite_loss_skip_keeps_bad_steps_out_of_the_weights(tmp_path, caplog
     weights = load_file(str(tmp_path / "skip" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert max(w.abs().max().item() for w in weights.values()) > 1e20  # the step-1 update did go in
+
+
+@pytest.mark.parametrize("handed_norm", [False, True])
+def test_nonfinite_guard_judges_by_the_gradients_or_the_trainers_norm(handed_norm):
+    """The Trainer's total norm (handed over by MLMTrainer) or, without it, the gradients themselves."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(3, 2)
+    state = SimpleNamespace(global_step=4)
+    args = SimpleNamespace(output_dir="/nonexistent")
+    guard = NonFiniteGuard("skip")
+    for value, finite in ((1.0, True), (float("inf"), False), (float("nan"), False)):
+        model.weight.grad = torch.full((2, 3), value)
+        model.bias.grad = torch.ones(2)
+        if handed_norm:  # what the Trainer computed for clipping and logging, once per step
+            guard.grad_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        guard.on_pre_optimizer_step(args, state, None, model=model)
+        assert (model.weight.grad is not None) == finite and guard.grad_norm is None
+    assert guard.skipped == 2
 
 
 def test_a_diverging_run_exits_3_with_one_line(tmp_path, corpus):

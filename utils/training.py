@@ -95,11 +95,19 @@ class NonFiniteGuard(TrainerCallback):
     def __init__(self, mode: str = "stop"):
         self.mode = mode
         self.skipped = 0
+        # The step's total gradient norm, when the Trainer computed one (MLMTrainer hands it
+        # over): nan/inf exactly when a gradient is, so no second pass over the gradients.
+        self.grad_norm = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
-            return
+        norm, self.grad_norm = self.grad_norm, None
+        if norm is not None:
+            if bool(torch.isfinite(torch.as_tensor(norm))):
+                return
+        else:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+                return
         step = state.global_step + 1
         if self.mode == "skip":
             self.skipped += 1
@@ -191,6 +199,13 @@ class MLMTrainer(Trainer):
             step = self.state.global_step
             batches = (collator.mask_batch(batch, step, micro) for micro, batch in enumerate(batches))
         return super().get_batch_samples(batches, num_batches, device)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, NonFiniteGuard):
+                callback.grad_norm = grad_norm
+        return grad_norm
 
     def _count(self, batch: dict) -> dict:
         """Add the batch's ids (before masking) to `data_checksum`: processes that read the same data agree.
