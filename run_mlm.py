@@ -383,9 +383,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     threads = distributed.fit_cpu_threads(training_args)
     if threads:
         logger.info("CPU: %s", threads)
-    with training_args.main_process_first(local=True, desc="timing bf16 and fp32 matmuls"):
-        apply_precision(training_args, model_args.precision, precision_shapes(model_args, data_args, training_args),
-                        run_cache_dir(model_args.cache_dir))
+    apply_precision(training_args, model_args.precision, precision_shapes(model_args, data_args, training_args),
+                    run_cache_dir(model_args.cache_dir))
     log_process(training_args)
     if xla.on_xla(training_args):
         for change in xla.adapt_for_xla(training_args, data_args):

@@ -270,7 +270,7 @@ def reuse_freed_memory() -> bool:
 
 def speed_up_for_cpu(model, reuse_memory: bool = True, dropout: bool = True, attention: bool = True,
                      tied_gradient: bool = True) -> list[str]:
-    """Swap in the faster dropout and attention above and keep freed memory; returns what changed, to log.
+    """Swap in the faster dropout and attention, share the tied gradient, keep freed memory; returns what changed.
 
     Each lever can be left out (the benchmark measures them one by one on each CPU class).
     """

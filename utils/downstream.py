@@ -98,7 +98,7 @@ def model_sources(models: list[str]) -> list[tuple[str, str]]:
 
 def load_task(args, training_args):
     """The splits as {split: Dataset(text[, text_pair], label)}, the label names, and a one-line description."""
-    from datasets import DatasetDict, load_dataset
+    from datasets import Dataset, DatasetDict, load_dataset
 
     from utils.data import find_text_column, resolve_data_files
 
@@ -145,8 +145,6 @@ def load_task(args, training_args):
         columns = {"text": [t or "" for t in dataset[text]], "label": [index[v] for v in labels]}
         if pair:
             columns["text_pair"] = [t or "" for t in dataset[pair]]
-        from datasets import Dataset
-
         task[split] = Dataset.from_dict(columns)
     counts = [train_labels.count(name) for name in names]
     majority = max(range(len(names)), key=lambda i: counts[i])

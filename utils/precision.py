@@ -140,7 +140,11 @@ def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, 
         has_bf16, device = native_bf16(training_args.device)
         if chosen == "no" and has_bf16:
             if training_args.device.type == "cpu" and shapes:
-                chosen, rates, origin = cpu_precision(shapes, cache_dir)
+                # The first process on each machine times and caches, the others then read its
+                # cache: every process takes the same precision, and none times while another
+                # loads the same CPUs.
+                with training_args.main_process_first(local=True, desc="timing bf16 and fp32 matmuls"):
+                    chosen, rates, origin = cpu_precision(shapes, cache_dir)
                 logger.info("Precision: %s (on %s, at the model's shapes, a bf16 matmul runs at %.0f GFLOP/s and "
                             "fp32 at %.0f; bf16 is used where it is %.2fx fp32 or more; %s). --precision fp32 or "
                             "bf16 to choose", "bf16 mixed precision" if chosen == "bf16" else "fp32",
