@@ -116,9 +116,10 @@ class ModelArguments:
     )
     sparse_prediction: bool = field(
         default=True,
-        metadata={"help": "Run the MLM head on the masked positions only: the same loss for a fraction of the "
-                          "compute (BERT, RoBERTa, XLM-R, DistilBERT, ALBERT, ELECTRA, ModernBERT; other "
-                          "models fall back to the dense head). --sparse_prediction false for the dense head."},
+        metadata={"help": "Run the MLM head, and the last encoder layer past its keys and values, on the masked "
+                          "positions only: the same loss for a fraction of the compute (BERT, RoBERTa, XLM-R, "
+                          "DistilBERT, ALBERT, ELECTRA, ModernBERT; other models fall back to the dense head). "
+                          "--sparse_prediction false for the dense head."},
     )
     attn_implementation: str = field(
         default="auto",

@@ -21,7 +21,9 @@ same data, with the same seed and number of steps:
 
 MFU = achieved FLOP/s / the bf16 (and fp32) matmul peak measured on this machine in the
 same run. FLOPs per token = 6 N_nonembedding + 12 L d T + 6 (d^2 + d V) p, p = 1 for a
-dense head, p = the masked fraction for a sparse one.
+dense head, p = the masked fraction for a sparse one; with the last layer on masked
+positions only, that layer's queries, output, feed-forward and attention count at p too
+(its keys and values at 1): the FLOPs the model needs, not the ones an implementation spends.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ CONFIGS = {
                        dict(project=True, sparse=True, precision="auto", attention=False)),
     "untied-gradient": ("project defaults with autograd's sum of the tied embedding's two gradients",
                         dict(project=True, sparse=True, precision="auto", tied_gradient=False)),
+    "full-last-layer": ("project defaults with the last layer on every position",
+                        dict(project=True, sparse=True, precision="auto", last_layer=False)),
     "glibc-malloc": ("project defaults with glibc's malloc returning freed memory",
                      dict(project=True, sparse=True, precision="auto", reuse_memory=False)),
     "project": ("project defaults: sparse head, precision auto", dict(project=True, sparse=True, precision="auto")),
@@ -66,9 +70,13 @@ CONFIGS = {
 }
 
 
-def flops_per_token(masked_fraction: float) -> float:
-    n_nonembedding = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
-    return 6 * n_nonembedding + 12 * LAYERS * HIDDEN * SEQ + 6 * (HIDDEN * HIDDEN + HIDDEN * VOCAB) * masked_fraction
+def flops_per_token(masked_fraction: float, last_layer_fraction: float = 1.0) -> float:
+    """Training FLOPs per token; the head runs on `masked_fraction` of positions, the last layer's queries on
+    `last_layer_fraction`."""
+    full_layers = LAYERS - 1 + last_layer_fraction
+    n_nonembedding = full_layers * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE) + LAYERS * 2 * HIDDEN * HIDDEN
+    head = HIDDEN * HIDDEN + HIDDEN * VOCAB
+    return 6 * n_nonembedding + 12 * full_layers * HIDDEN * SEQ + 6 * head * masked_fraction
 
 
 def matmul_peak(dtype_name: str, sizes=(1024, 2048, 3072), seconds: float = 1.0) -> float:
@@ -104,6 +112,7 @@ def model_gemm_rate(dtype_name: str, masked_fraction: float = MLM_PROBABILITY, r
 
     dtype, tokens, heads = getattr(torch, dtype_name), BATCH * SEQ, BATCH * HEADS
     head_dim, masked = HIDDEN // HEADS, round(BATCH * SEQ * masked_fraction)
+    masked_per_row = masked // BATCH
 
     def linear(m, k, n):  # y = x w^T; backward dx = dy w, dw = dy^T x
         x, w, dy = (torch.randn(*s, dtype=dtype) for s in ((m, k), (n, k), (m, n)))
@@ -116,10 +125,14 @@ def model_gemm_rate(dtype_name: str, masked_fraction: float = MLM_PROBABILITY, r
     layer = (linear(tokens, HIDDEN, HIDDEN) * 4 + linear(tokens, HIDDEN, INTERMEDIATE)
              + linear(tokens, INTERMEDIATE, HIDDEN) + batched(heads, SEQ, head_dim, SEQ)
              + batched(heads, SEQ, SEQ, head_dim))
+    # The last layer: keys and values everywhere, the rest at the masked positions.
+    last = (linear(tokens, HIDDEN, HIDDEN) * 2 + linear(masked, HIDDEN, HIDDEN) * 2
+            + linear(masked, HIDDEN, INTERMEDIATE) + linear(masked, INTERMEDIATE, HIDDEN)
+            + batched(heads, masked_per_row, head_dim, SEQ) + batched(heads, masked_per_row, SEQ, head_dim))
     head = linear(masked, HIDDEN, HIDDEN) + linear(masked, HIDDEN, VOCAB)
-    flops = flops_per_token(masked / tokens) * tokens
-    calls = layer * LAYERS + head
-    for call in layer + head:
+    flops = flops_per_token(masked / tokens, masked / tokens) * tokens
+    calls = layer * (LAYERS - 1) + last + head
+    for call in layer + last + head:
         call()
     best = float("inf")
     for _ in range(repeats):
@@ -216,7 +229,7 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
                           compute_metrics=accuracy,
                           preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
                           callbacks=[timer.callback])
-        masked_fraction = 1.0
+        masked_fraction = last_layer_fraction = 1.0
     else:
         from types import SimpleNamespace
 
@@ -234,7 +247,7 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
         from utils.masking import mask_eval_dataset
 
         evaluation = mask_eval_dataset(evaluation, collator, seed)
-        install_mlm_head(model, sparse=settings["sparse"])
+        install_mlm_head(model, sparse=settings["sparse"], last_layer=settings.get("last_layer", True))
         from utils.cpu import speed_up_for_cpu
 
         if settings.get("cpu_kernels", True):
@@ -243,6 +256,7 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
                              tied_gradient=settings.get("tied_gradient", True))
         trainer = build_trainer(model, tokenizer, args, train, evaluation, collator, callbacks=[timer.callback])
         masked_fraction = MLM_PROBABILITY if settings["sparse"] else 1.0
+        last_layer_fraction = masked_fraction if settings.get("last_layer", True) else 1.0
 
     trainer.train()
     times = timer.times
@@ -262,7 +276,7 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
         "eval_loss": eval_metrics["eval_loss"],
         "eval_accuracy": eval_metrics.get("eval_accuracy"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "flops_per_token": flops_per_token(masked_fraction),
+        "flops_per_token": flops_per_token(masked_fraction, last_layer_fraction),
         "losses": timer.losses,
         "threads": torch.get_num_threads(),
         "numpy": np.__version__,

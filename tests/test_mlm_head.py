@@ -1,9 +1,13 @@
-"""Sparse prediction: the MLM head on masked positions only gives the dense head's loss and gradients."""
+"""Sparse prediction: the head and the last layer on masked positions only give the dense head's loss and gradients."""
+
+import contextlib
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForMaskedLM
+from transformers import AttentionInterface, AutoConfig, AutoModelForMaskedLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from utils.cpu import speed_up_for_cpu
 from utils.mlm_head import install_mlm_head, predictions_at_labels
 
 VOCAB = 60
@@ -12,6 +16,7 @@ SMALL = {
     "roberta": {},
     "xlm-roberta": {},
     "camembert": {},
+    "data2vec-text": {},
     "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
     "albert": {"embedding_size": 16},
     "electra": {"embedding_size": 16},
@@ -51,17 +56,109 @@ def test_sparse_loss_and_gradients_equal_the_dense_head(model_type):
     mode = install_mlm_head(sparse, sparse=True)
     assert mode == ("native sparse" if model_type == "modernbert" else "sparse")
 
+    subset = model_type not in ("albert", "modernbert")  # ALBERT shares one layer; ModernBERT is native
     dense_out = dense(input_ids=ids, attention_mask=mask, labels=labels)
-    sparse_out = sparse(input_ids=ids, attention_mask=mask, labels=labels)
+    with last_layer_rows(sparse) if subset else contextlib.nullcontext() as rows:
+        sparse_out = sparse(input_ids=ids, attention_mask=mask, labels=labels)
     n_masked = int((labels != -100).sum())
     assert dense_out.logits.shape == (4, 16, VOCAB)
     assert sparse_out.logits.shape == (n_masked, VOCAB)  # the head ran on masked positions only
+    if subset:
+        assert rows == [most_labelled(labels)]  # so did the last layer
     assert torch.allclose(sparse_out.loss, dense_out.loss, atol=1e-5)
     dense_out.loss.backward()
     sparse_out.loss.backward()
     for (name, d), (_, s) in zip(dense.named_parameters(), sparse.named_parameters()):
         if d.grad is not None:
             assert torch.allclose(d.grad, s.grad, atol=1e-5), name
+
+
+def last_layer(model):
+    base = model.base_model
+    return (getattr(base, "encoder", None) or base.transformer).layer[-1]
+
+
+@contextlib.contextmanager
+def last_layer_rows(model):
+    """The number of positions per row of each output of the model's last encoder layer."""
+    rows = []
+    handle = last_layer(model).register_forward_hook(lambda module, args, output: rows.append(output.shape[1]))
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def most_labelled(labels):
+    return int((labels != -100).sum(dim=1).max())
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "run_mlm_cpu"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_layer_on_labelled_positions_equals_the_full_layer(attention, checkpointing):
+    # Training mode (dropout is off in these configs), with a padded row; bf16 autocast takes
+    # the CPU attention's matmul path, which fp32 without dropout leaves to SDPA.
+    ids, mask, labels = batch()
+    full, subset = tiny("bert"), tiny("bert")
+    install_mlm_head(full, last_layer=False)
+    install_mlm_head(subset)
+    for model in (full, subset):
+        if attention == "run_mlm_cpu":
+            speed_up_for_cpu(model, reuse_memory=False)
+        else:
+            model.set_attn_implementation(attention)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=attention == "run_mlm_cpu"):
+        full_loss = full(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with last_layer_rows(subset) as rows:
+            subset_loss = subset(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rows == [most_labelled(labels)]
+    tolerance = 2e-2 if attention == "run_mlm_cpu" else 1e-5
+    assert torch.allclose(subset_loss, full_loss, atol=tolerance)
+    full_loss.backward()
+    subset_loss.backward()
+    for (name, f), (_, s) in zip(full.named_parameters(), subset.named_parameters()):
+        assert torch.allclose(f.grad, s.grad, atol=tolerance, rtol=tolerance), name
+
+
+def test_last_layer_applies_attention_dropout_on_labelled_positions():
+    ids, mask, labels = batch()
+    model = tiny("bert")
+    last_layer(model).attention.self.dropout.p = 0.5
+    install_mlm_head(model)
+    model.eval()
+    kept = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    model.train()
+    with last_layer_rows(model) as rows:
+        dropped = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rows == [most_labelled(labels)]
+    assert not torch.allclose(dropped, kept)
+
+
+def test_a_batch_without_labels_runs_the_full_last_layer():
+    ids, mask, labels = batch()
+    model = tiny("bert")
+    install_mlm_head(model)
+    with last_layer_rows(model) as rows:
+        out = model(input_ids=ids, attention_mask=mask, labels=torch.full_like(labels, -100))
+    assert rows == [16] and out.logits.shape == (0, VOCAB) and out.loss.item() == 0.0
+    out.loss.backward()
+    with last_layer_rows(model) as rows:  # and the next batch is subset again
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rows == [most_labelled(labels)]
+
+
+def test_attention_the_last_layer_cannot_subset_keeps_the_full_layer():
+    ids, mask, labels = batch()
+    model = tiny("bert")
+    install_mlm_head(model)
+    AttentionInterface.register("test_other", sdpa_attention_forward)
+    model.set_attn_implementation("test_other")
+    with last_layer_rows(model) as rows:
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rows == [16]
 
 
 def test_loss_divides_by_the_global_count_when_given():
