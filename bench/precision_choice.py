@@ -8,8 +8,10 @@ Adapts a 6x384 BERT (built from a config and saved, vocabulary 30522) on the mac
 Python docstrings with `run_mlm.py` for --steps steps, seq 128, batch 16: once with the
 defaults (--precision auto), once with --precision fp32, once with --precision bf16, each in
 a fresh process with an empty precision cache (so the default's start-up timing is
-included in its run and reported). Prints training samples/s of each, the default's ratio
-to the faster explicit one, and the precision the default chose with its timing line.
+logged). Prints training samples/s of each (with --repeats, the median of interleaved
+rounds: the default and the precision it picks are the same run but for the timing, so
+their difference in one round is this machine's noise), the default's ratio to the faster
+explicit one, and the precision the default chose with its timing line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workdir", default="/tmp/run_mlm_precision_choice")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="interleaved rounds of the three runs; the table shows each one's median (and range)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -81,15 +86,25 @@ def main() -> None:
     from utils.precision import cpu_description
 
     print(f"CPU: {cpu_description()}; BERT 6x384, seq 128, batch 16, {args.steps} steps (samples/s of the whole "
-          "train(), start-up timing of the default included)")
-    results = {name: run(workdir, checkpoint, corpus, name, precision, args.steps)
-               for name, precision in (("default", None), ("fp32", "fp32"), ("bf16", "bf16"))}
+          f"train(); the default's start-up timing is in its log line); median of {args.repeats} interleaved round(s)")
+    runs = (("default", None), ("fp32", "fp32"), ("bf16", "bf16"))
+    rounds = [{name: run(workdir, checkpoint, corpus, name, precision, args.steps) for name, precision in runs}
+              for _ in range(args.repeats)]
+    results = {}
+    for name, _ in runs:
+        rates = [r[name]["samples_per_s"] for r in rounds]
+        chosen = "/".join(r[name]["precision"] for r in rounds)  # the default times anew in every round
+        results[name] = {**rounds[0][name], "samples_per_s": statistics.median(rates),
+                         "range": (min(rates), max(rates)), "precision": chosen}
     best = max(results["fp32"]["samples_per_s"], results["bf16"]["samples_per_s"])
-    print("| run | precision | train samples/s | vs the faster explicit |")
+    print("| run | precision | train samples/s (min-max) | vs the faster explicit |")
     print("|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['precision']} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / best:.2f}x |")
-    print(results["default"]["note"])
+        low, high = r["range"]
+        print(f"| {name} | {r['precision']} | {r['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | "
+              f"{r['samples_per_s'] / best:.2f}x |")
+    for r in rounds:
+        print(r["default"]["note"])
 
 
 if __name__ == "__main__":

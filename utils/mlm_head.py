@@ -230,6 +230,9 @@ def install_mlm_head(model, sparse: bool = True, last_layer: bool = True) -> str
         encoder, head = FAMILIES[name](model)
         positions = _labelled_positions(model, encoder) if last_layer else None
         model.forward = _sparse(model.forward, encoder, head, positions)
+        if positions is not None:
+            logger.info("The last encoder layer computes its output at masked positions only (eager, SDPA or CPU "
+                        "attention; other attention implementations run it whole)")
         return "sparse"
     if sparse:
         logger.info("Sparse prediction is not available for %s: the MLM head runs on every position", name)
