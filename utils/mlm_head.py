@@ -10,8 +10,9 @@ stay ordinary transformers checkpoints.
 The last encoder layer goes further: what it computes at a position feeds only that
 position's output, so for the masked positions' outputs it needs keys and values at every
 position but queries, attention output, feed-forward and LayerNorms at the masked ones
-alone: 10 of its 12 d^2 products per token, and its attention scores, shrink to ~15%.
-Same loss and gradients (tests compare with the dense head for every family it covers).
+alone: 10 of its 12 d^2 products per token, and its attention scores, shrink to the masked
+positions (padded per row to the row with the most: about a fifth at 15% masking). Same
+loss and gradients (tests compare with the dense head for every family it covers).
 
 The loss is summed over masked tokens and divided by `num_items_in_batch`, the Trainer's
 count of masked tokens in the whole global batch, so that it is their exact mean on 1 or
