@@ -551,6 +551,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                 model_args.model_name_or_path or untrained, training_args.output_dir, data_args, training_args,
                 command_line)
             results["downstream"] = {name: summary[name]["accuracy_mean"] for name in ("start", "trained")}
+
+    # 15. Done: leave the process group now rather than in the interpreter's shutdown.
+    if command_line:
+        distributed.leave_process_group()
     return results
 
 

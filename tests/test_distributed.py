@@ -255,3 +255,21 @@ def test_cpu_processes_get_their_share_of_the_cpus(monkeypatch):
         assert fit_cpu_threads(SimpleNamespace(device=torch.device("cpu"))) is None  # already fair: unchanged
     finally:
         torch.set_num_threads(before)
+
+
+def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import torch.distributed as dist\n"
+        "from utils.distributed import leave_process_group\n"
+        "leave_process_group()\n"  # no group yet: nothing to do
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=0, world_size=1)\n"
+        "assert dist.is_initialized()\n"
+        "leave_process_group()\n"
+        "print(dist.is_initialized())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

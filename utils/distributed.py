@@ -57,6 +57,18 @@ def join_cpu_process_group() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "1"
 
 
+def leave_process_group() -> None:
+    """Destroy the process group at the end of a finished run (a no-op without one).
+
+    Left to interpreter shutdown, gloo's worker threads are torn down after Python, and a
+    process that finished its work could abort there ("terminate called without an active
+    exception", exit -6: seen once in CI on a resumed 2-process run). Only on success: a
+    process that failed must not wait on the others (torch's shutdown guidance).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def fit_cpu_threads(training_args) -> str | None:
     """Give each CPU process its share of the machine's CPUs; returns a line to log when that changed anything.
 

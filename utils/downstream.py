@@ -488,7 +488,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         training_args.report_to = []  # a comparison of many short runs: no TensorBoard logs unless asked
     setup_logging(training_args)
     distributed.fit_cpu_threads(training_args)
-    return compare(args, training_args, command_line)
+    summary = compare(args, training_args, command_line)
+    if command_line:
+        distributed.leave_process_group()
+    return summary
 
 
 if __name__ == "__main__":
