@@ -500,8 +500,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         results = {}
         if training_args.do_train:
             train_result = trainer.train(resume_from_checkpoint=checkpoint)
-            if stop_on_signal.signal:
-                raise Interrupted(stop_on_signal.signal, trainer.state.global_step, training_args.output_dir)
+            if stop_on_signal.stopped:
+                if command_line:  # all processes stopped after the same step: leave together
+                    distributed.leave_process_group()
+                raise Interrupted(stop_on_signal.stopped, trainer.state.global_step, training_args.output_dir)
             save_final_model(trainer)
             # A stream has no length: count the blocks trained on instead.
             train_samples = (trainer.state.global_step * tokens_per_step // max_seq_length if data_args.streaming

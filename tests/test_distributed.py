@@ -273,3 +273,127 @@ def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_p
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+VOTE = """
+import json, sys
+from types import SimpleNamespace
+import torch.distributed as dist
+from transformers import TrainerControl
+from utils.training import GracefulStop
+
+rank, rendezvous, signals = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+args = SimpleNamespace(ddp_timeout=120)
+stop = GracefulStop()
+stop.on_train_begin(args, None, TrainerControl())
+stopped_at = None
+for step in range(1, 30):
+    if signals.get(str(step), {}).get(str(rank)):  # what this process's handler records during the step
+        stop.signal = signals[str(step)][str(rank)]
+    control = TrainerControl()
+    stop.on_step_end(args, None, control)
+    if control.should_training_stop:
+        assert control.should_save
+        stopped_at = step
+        break
+stop.on_train_end(args, None, TrainerControl())
+print(json.dumps({"step": stopped_at, "signal": stop.stopped}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("signals, expected", [
+    # Only process 0 saw the signal before step 5's end; process 1 would have seen it after.
+    ({"5": {"0": "SIGTERM"}}, {"step": 6, "signal": "SIGTERM"}),
+    ({"5": {"0": "SIGINT"}, "6": {"1": "SIGTERM"}}, {"step": 6, "signal": "SIGINT"}),
+    ({"2": {"0": "SIGINT", "1": "SIGTERM"}}, {"step": 3, "signal": "SIGTERM"}),
+])
+def test_processes_signalled_at_different_steps_stop_after_the_same_step(tmp_path, signals, expected):
+    # Stopping at different steps would leave one process waiting forever in the other's
+    # checkpoint collectives: the processes must agree on the step, and on the signal.
+    import subprocess
+    import sys
+
+    processes = [subprocess.Popen([sys.executable, "-c", VOTE, str(rank), str(tmp_path / "rendezvous"),
+                                   json.dumps(signals)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-2000:]
+    assert [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs] == [expected, expected]
+
+
+def test_one_process_stops_at_the_step_it_was_signalled():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from utils.training import GracefulStop
+
+    stop, args = GracefulStop(), SimpleNamespace(ddp_timeout=120)
+    stop.on_train_begin(args, None, TrainerControl())
+    try:
+        control = TrainerControl()
+        stop.on_step_end(args, None, control)
+        assert not control.should_training_stop and stop.stopped is None
+        stop.signal = "SIGTERM"
+        stop.on_step_end(args, None, control)
+        assert control.should_training_stop and control.should_save and stop.stopped == "SIGTERM"
+    finally:
+        stop.on_train_end(args, None, TrainerControl())
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_after_one_step_with_a_checkpoint(corpus, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    launcher = accelerate_launch("accelerate_configs/multi_cpu.yaml",
+                                 tiny_run_args(out, corpus, "--max_steps", "100000", "--logging_steps", "1"),
+                                 wait=False)
+    for line in launcher.stdout:  # training is under way in both processes (a step needs both)
+        if "'loss'" in line:
+            break
+    launcher.send_signal(signal.SIGTERM)  # what a scheduler does; the launcher forwards it to each process
+    stdout, stderr = launcher.communicate(timeout=120)
+    steps = re.findall(r"stopped: SIGTERM at step (\d+): saved", stderr)
+    assert len(steps) == 2 and steps[0] == steps[1], stderr[-3000:]
+    checkpoint = out / f"checkpoint-{steps[0]}"
+    assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    # Both left on their own, within the launcher's grace period: nothing was killed mid-way.
+    assert "forcefully exiting" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == [checkpoint.name]
+
+
+TEARDOWN = """
+import sys
+import torch, torch.distributed as dist
+from utils.distributed import leave_process_group
+rank, root = int(sys.argv[1]), sys.argv[2]
+for i in range(40):
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous{i}", rank=rank, world_size=2)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    gathered = [torch.zeros(3) for _ in range(2)]
+    dist.all_gather(gathered, torch.ones(3))  # a collective just before the end, as an evaluation's gather
+    leave_process_group()
+    del model  # DDP's Reducer frees the group's last reference
+print("done")
+"""
+
+
+def test_leaving_right_after_a_collective_does_not_deadlock_ddp_teardown(tmp_path):
+    # With destroy_process_group alone, this hung within ~15 rounds: a gloo worker thread,
+    # freeing the gather's tensors, waited for the GIL while the Reducer's destructor held
+    # it and waited for the worker (a finished 2-process run hung at exit the same way).
+    import subprocess
+    import sys
+
+    processes = [subprocess.Popen([sys.executable, "-c", TEARDOWN, str(rank), str(tmp_path)], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [process.communicate(timeout=90) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [stdout.strip() for stdout, _ in outputs] == ["done", "done"], outputs[0][1][-2000:]

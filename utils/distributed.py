@@ -57,15 +57,40 @@ def join_cpu_process_group() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "1"
 
 
+# How long a process that is done with collectives lets gloo's worker threads run first.
+SETTLE_SECONDS = 0.1
+
+
+def let_collectives_settle() -> None:
+    """Sleep briefly (the GIL released) when this process is in a process group; see below for why.
+
+    A gloo worker thread frees a finished collective's tensors after the caller's wait()
+    has returned, holding the group's work lock and waiting for the GIL to drop their
+    Python objects. If in that moment the main thread frees the last reference to the
+    group from DDP's Reducer, whose destructor keeps the GIL and waits for that lock, both
+    wait forever: a finished run hung at exit (seen in CI, and reproduced in one in a few
+    hundred DDP teardowns). The tensors are dropped within microseconds of the wait, so
+    after this pause, with no collective issued after it, the group dies cleanly.
+    """
+    import sys
+    import time
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        time.sleep(SETTLE_SECONDS)
+
+
 def leave_process_group() -> None:
-    """Destroy the process group at the end of a finished run (a no-op without one).
+    """Destroy the process group at the end of a finished or cleanly stopped run (a no-op without one).
 
     Left to interpreter shutdown, gloo's worker threads are torn down after Python, and a
     process that finished its work could abort there ("terminate called without an active
-    exception", exit -6: seen once in CI on a resumed 2-process run). Only on success: a
-    process that failed must not wait on the others (torch's shutdown guidance).
+    exception", exit -6: seen once in CI on a resumed 2-process run). Only where every
+    process has reached the same point (finished, or stopped after the same step): a process
+    that failed must not wait on the others (torch's shutdown guidance).
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        let_collectives_settle()
         torch.distributed.destroy_process_group()
 
 

@@ -49,5 +49,12 @@ def exit_on_usage_error(fn):
                 raise
             print(f"{e.prefix}: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        finally:
+            # A run that failed (or never left its process group) frees the group's last
+            # holder, DDP's Reducer, after this: first let gloo finish freeing tensors.
+            if "torch.distributed" in sys.modules:  # never import torch only for this
+                from utils.distributed import let_collectives_settle
+
+                let_collectives_settle()
 
     return wrapper

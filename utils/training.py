@@ -134,18 +134,31 @@ def _last_checkpoint_name(output_dir: str) -> str | None:
 class GracefulStop(TrainerCallback):
     """On SIGTERM (a preempted spot instance, a scheduler's time limit) or SIGINT (Ctrl-C): save and stop.
 
-    The signal only sets a flag; at the end of the current step the Trainer saves a
-    checkpoint and leaves its loop, and the run exits without writing a final model, so
-    that running the same command again resumes. A second signal stops at once. The
-    launcher sends the signal to every process, so all of them stop at the same step. Used
-    as a context manager, it also restores the handlers when the run raises.
+    The signal only sets a flag; at the end of a step the Trainer saves a checkpoint and
+    leaves its loop, and the run exits without writing a final model, so that running the
+    same command again resumes. A second signal stops at once. Used as a context manager,
+    it also restores the handlers when the run raises.
+
+    With several processes, the launcher forwards the signal to each of them, but not at
+    the same instant: one could see it before a step's end and another just after, stop a
+    step later, and the first would wait forever in the checkpoint's collectives (until
+    the launcher kills both, checkpoint unfinished). So the processes vote: each step end
+    starts an all-reduce of the signals seen (on a gloo group of its own, in the
+    background), and the next step end reads it. All processes then stop after the same
+    step, one step after the first of them was signalled, and without waiting on each
+    other at any other step. `stopped` is the signal they agreed on (None: training ended
+    on its own, even if a signal came during its last step).
     """
 
     def __init__(self):
-        self.signal = None
+        self.signal = None  # what this process received
+        self.stopped = None  # what the processes stopped for, at a step end
         self._previous = {}
+        self._group = None
+        self._vote = None  # (tensor, work) of the all-reduce started at the last step end
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._group = _vote_group(args)
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -159,11 +172,32 @@ class GracefulStop(TrainerCallback):
             signal.signal(other, previous)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal:
+        agreed = self._agree()
+        if agreed:
+            self.stopped = agreed
             control.should_save = True
             control.should_training_stop = True
 
+    def _agree(self) -> str | None:
+        """The signal to stop for at this step end, the same in every process; None to go on."""
+        if self._group is None:
+            return self.signal
+        import torch.distributed as dist
+
+        agreed = None
+        if self._vote is not None:
+            votes, work = self._vote
+            work.wait()
+            agreed = signal.Signals(int(votes)).name if int(votes) else None
+        # SIGTERM (15) outranks SIGINT (2) when processes saw different ones.
+        votes = torch.tensor(signal.Signals[self.signal].value if self.signal else 0, dtype=torch.int64)
+        self._vote = votes, dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return agreed
+
     def on_train_end(self, args, state, control, **kwargs):
+        if self._vote is not None:  # every process started it: finish it before leaving the group
+            self._vote[1].wait()
+            self._vote = None
         self.restore()
 
     def restore(self) -> None:
@@ -178,6 +212,24 @@ class GracefulStop(TrainerCallback):
     def __exit__(self, *exc_info):
         # A run that raised never reached on_train_end: do not leave our handlers behind.
         self.restore()
+
+
+def _vote_group(args):
+    """A gloo group of all processes for GracefulStop's vote; None with one process or on XLA.
+
+    gloo runs beside NCCL, so reading the vote never waits on a GPU. On XLA (TPU) the
+    processes keep the single-process rule: each stops at its own first step end after
+    the signal.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    if dist.get_backend() == "xla":
+        return None
+    import datetime
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
 
 
 class MLMTrainer(Trainer):
