@@ -120,7 +120,10 @@ def matmul_attention(query, key, value, attention_mask, dropout: float = 0.0, sc
     """softmax(q k^T * scaling + mask) v, with dropout on the probabilities; output as (batch, seq, heads, dim)."""
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     # Scaling the queries costs a quarter of scaling the scores (head dim 32 vs sequence 128).
-    scores = torch.matmul(query * scaling, key.transpose(-1, -2))
+    # Queries and keys arrive as strided views of the projections: batched matmuls on
+    # contiguous copies are faster than the copies cost (fp32, no AMX: 18.2 vs 19.0 ms per
+    # layer forward and backward, 9 of 10 interleaved rounds; bf16 with AMX: the same).
+    scores = torch.matmul(query.contiguous() * scaling, key.contiguous().transpose(-1, -2))
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
