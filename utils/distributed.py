@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UsageError
+from utils.errors import UsageError, let_collectives_settle
 
 logger = logging.getLogger(__name__)
 # Per-process lines (rank, checksums) go to this logger, which logs on every rank.
@@ -55,29 +55,6 @@ def join_cpu_process_group() -> None:
     """
     if launched_world_size() > 1 and "ACCELERATE_USE_CPU" not in os.environ and not _has_accelerator():
         os.environ["ACCELERATE_USE_CPU"] = "1"
-
-
-# How long a process that is done with collectives lets gloo's worker threads run first.
-SETTLE_SECONDS = 0.1
-
-
-def let_collectives_settle() -> None:
-    """Sleep briefly (the GIL released) when this process is in a process group; see below for why.
-
-    A gloo worker thread frees a finished collective's tensors after the caller's wait()
-    has returned, holding the group's work lock and waiting for the GIL to drop their
-    Python objects. If in that moment the main thread frees the last reference to the
-    group from DDP's Reducer, whose destructor keeps the GIL and waits for that lock, both
-    wait forever: a finished run hung at exit (seen in CI, and reproduced in one in a few
-    hundred DDP teardowns). The tensors are dropped within microseconds of the wait, so
-    after this pause, with no collective issued after it, the group dies cleanly.
-    """
-    import sys
-    import time
-
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        time.sleep(SETTLE_SECONDS)
 
 
 def leave_process_group() -> None:

@@ -33,6 +33,29 @@ def one_line(error: Exception, limit: int = 300) -> str:
     return " ".join(str(error).split())[:limit]
 
 
+# How long a process that is done with collectives lets gloo's worker threads run first.
+SETTLE_SECONDS = 0.1
+
+
+def let_collectives_settle() -> None:
+    """Sleep briefly, the GIL released, when this process is in a process group.
+
+    A gloo worker thread frees a finished collective's tensors after the caller's wait()
+    has returned, holding the group's work lock and waiting for the GIL to drop their
+    Python objects. If in that moment the main thread frees the last reference to the
+    group from DDP's Reducer, whose destructor keeps the GIL and waits for that lock, both
+    wait forever: a finished 2-process run hung at exit in the test suite, and DDP
+    teardowns right after a gather hung within ~15 tries (tests/test_distributed.py). The
+    tensors are dropped within microseconds of the wait, so after this pause, with no
+    collective issued after it, the group dies cleanly.
+    """
+    import time
+
+    dist = sys.modules.get("torch.distributed")  # never import torch only for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        time.sleep(SETTLE_SECONDS)
+
+
 def exit_on_usage_error(fn):
     """Run `fn`; turn a RunError into `<prefix>: <message>` on stderr and its exit status.
 
@@ -52,9 +75,6 @@ def exit_on_usage_error(fn):
         finally:
             # A run that failed (or never left its process group) frees the group's last
             # holder, DDP's Reducer, after this: first let gloo finish freeing tensors.
-            if "torch.distributed" in sys.modules:  # never import torch only for this
-                from utils.distributed import let_collectives_settle
-
-                let_collectives_settle()
+            let_collectives_settle()
 
     return wrapper
