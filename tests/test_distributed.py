@@ -7,6 +7,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -258,9 +260,6 @@ def test_cpu_processes_get_their_share_of_the_cpus(monkeypatch):
 
 
 def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
-    import subprocess
-    import sys
-
     code = (
         "import torch.distributed as dist\n"
         "from utils.distributed import leave_process_group\n"
@@ -273,6 +272,23 @@ def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_p
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+def run_two_ranks(code: str, *args: str, timeout: int) -> list[str]:
+    """Run `python -c code RANK *args` as ranks 0 and 1 side by side; their stdouts, once both exited 0.
+
+    A rank still running at the timeout (a hang) is killed, and the test fails on it.
+    """
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(rank), *args], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-2000:]
+    return [stdout for stdout, _ in outputs]
 
 
 VOTE = """
@@ -312,16 +328,8 @@ dist.destroy_process_group()
 def test_processes_signalled_at_different_steps_stop_after_the_same_step(tmp_path, signals, expected):
     # Stopping at different steps would leave one process waiting forever in the other's
     # checkpoint collectives: the processes must agree on the step, and on the signal.
-    import subprocess
-    import sys
-
-    processes = [subprocess.Popen([sys.executable, "-c", VOTE, str(rank), str(tmp_path / "rendezvous"),
-                                   json.dumps(signals)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for rank in (0, 1)]
-    outputs = [process.communicate(timeout=120) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-2000:]
-    assert [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs] == [expected, expected]
+    outputs = run_two_ranks(VOTE, str(tmp_path / "rendezvous"), json.dumps(signals), timeout=120)
+    assert [json.loads(stdout.strip().splitlines()[-1]) for stdout in outputs] == [expected, expected]
 
 
 def test_one_process_stops_at_the_step_it_was_signalled():
@@ -386,14 +394,4 @@ def test_leaving_right_after_a_collective_does_not_deadlock_ddp_teardown(tmp_pat
     # With destroy_process_group alone, this hung within ~15 rounds: a gloo worker thread,
     # freeing the gather's tensors, waited for the GIL while the Reducer's destructor held
     # it and waited for the worker (a finished 2-process run hung at exit the same way).
-    import subprocess
-    import sys
-
-    processes = [subprocess.Popen([sys.executable, "-c", TEARDOWN, str(rank), str(tmp_path)], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    try:
-        outputs = [process.communicate(timeout=90) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    assert [stdout.strip() for stdout, _ in outputs] == ["done", "done"], outputs[0][1][-2000:]
+    assert [stdout.strip() for stdout in run_two_ranks(TEARDOWN, str(tmp_path), timeout=90)] == ["done", "done"]
