@@ -113,6 +113,23 @@ def _group():
     return _wait_group
 
 
+def vote_group(training_args):
+    """A gloo group of all processes for the stop vote (utils.training.GracefulStop); None with one or on XLA.
+
+    Its own group, with the training's ddp_timeout: gloo runs beside NCCL, so reading the
+    vote never waits on a GPU, and it never queues behind the preprocessing waits of
+    `_group()`. On XLA (TPU) the processes keep the single-process rule: each stops at its
+    own first step end after the signal.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    if dist.get_backend() == "xla":
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=training_args.ddp_timeout))
+
+
 @contextlib.contextmanager
 def main_process_first(training_args, desc: str = "work"):
     """The local main process runs the block first; the others run it after (reading its caches).

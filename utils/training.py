@@ -12,6 +12,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
+from utils.distributed import vote_group
 from utils.errors import RunError
 from utils.metrics import MaskedAccuracy
 from utils.mlm_head import predictions_at_labels
@@ -158,7 +159,7 @@ class GracefulStop(TrainerCallback):
         self._vote = None  # (tensor, work) of the all-reduce started at the last step end
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._group = _vote_group(args)
+        self._group = vote_group(args)
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -212,24 +213,6 @@ class GracefulStop(TrainerCallback):
     def __exit__(self, *exc_info):
         # A run that raised never reached on_train_end: do not leave our handlers behind.
         self.restore()
-
-
-def _vote_group(args):
-    """A gloo group of all processes for GracefulStop's vote; None with one process or on XLA.
-
-    gloo runs beside NCCL, so reading the vote never waits on a GPU. On XLA (TPU) the
-    processes keep the single-process rule: each stops at its own first step end after
-    the signal.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return None
-    if dist.get_backend() == "xla":
-        return None
-    import datetime
-
-    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
 
 
 class MLMTrainer(Trainer):
