@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from utils.cpu import (
     FastDropout,
@@ -19,6 +19,9 @@ from utils.cpu import (
     speed_up_for_cpu,
 )
 from utils.mlm_head import install_mlm_head
+
+from .test_mlm_head import SMALL, tiny
+from .test_mlm_head import batch as mlm_batch
 
 
 def test_keep_mask_rate_shape_and_unbiased_lanes():
@@ -155,6 +158,55 @@ def test_model_with_speed_ups_predicts_the_same_and_saves_ordinary_checkpoints(t
     fast.save_pretrained(tmp_path)
     assert "run_mlm_cpu" not in (tmp_path / "config.json").read_text()
     assert BertForMaskedLM.from_pretrained(tmp_path).config._attn_implementation in ("sdpa", "eager")
+
+
+@pytest.mark.parametrize("autocast", [False, True])  # fp32 without dropout: SDPA; bf16: the matmul path
+@pytest.mark.parametrize("model_type", sorted(SMALL))
+def test_speed_ups_keep_the_models_padding_mask(model_type, autocast):
+    """What lies behind the padding changes nothing, in training and evaluation, and outputs equal the model's own.
+
+    The CPU attention is registered under its own name, for which transformers builds no
+    mask unless told how: without that, every family attended to its padding.
+    """
+    ids, mask, labels = mlm_batch()
+    plain, fast = tiny(model_type), tiny(model_type)
+    fast.load_state_dict(plain.state_dict())
+    speed_up_for_cpu(fast, reuse_memory=False)
+    behind = ids.masked_fill(mask == 0, 7)  # other tokens at the padded positions
+    real = mask.bool()
+    for training in (True, False):
+        for model in (plain, fast):
+            model.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ours = fast(input_ids=ids, attention_mask=mask).logits[real].float()
+            padded_otherwise = fast(input_ids=behind, attention_mask=mask).logits[real].float()
+            theirs = plain(input_ids=ids, attention_mask=mask).logits[real].float()
+        assert torch.allclose(ours, padded_otherwise, atol=1e-6), training
+        assert torch.allclose(ours, theirs, atol=5e-2 if autocast else 1e-5), training
+    # And through the sparse head, whose last layer gathers the mask's rows at the labelled positions.
+    install_mlm_head(fast)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours, padded_otherwise, theirs = (model(input_ids=x, attention_mask=mask, labels=labels).loss
+                                          for model, x in ((fast, ids), (fast, behind), (plain, ids)))
+    assert torch.allclose(ours, padded_otherwise, atol=1e-6)
+    assert torch.allclose(ours, theirs, atol=2e-2 if autocast else 1e-5)
+
+
+def test_speed_ups_keep_modernberts_local_attention_window():
+    def model(window):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("modernbert", vocab_size=60, hidden_size=32, num_hidden_layers=3,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                      local_attention=window, global_attn_every_n_layers=3, pad_token_id=0,
+                                      bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)
+        return AutoModelForMaskedLM.from_config(config).train()
+
+    plain, fast, wide = model(4), model(4), model(64)
+    speed_up_for_cpu(fast, reuse_memory=False)
+    ids = torch.randint(5, 60, (2, 32), generator=torch.Generator().manual_seed(0))
+    ours, theirs, unwindowed = (m(input_ids=ids).logits for m in (fast, plain, wide))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(theirs, unwindowed, atol=1e-4)  # the window does change the outputs
 
 
 MALLOC_PROBE = """

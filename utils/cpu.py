@@ -277,7 +277,8 @@ def speed_up_for_cpu(model, reuse_memory: bool = True, dropout: bool = True, att
 
     Each lever can be left out (the benchmark measures them one by one on each CPU class).
     """
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     changes = []
     if reuse_memory and reuse_freed_memory():
@@ -294,6 +295,10 @@ def speed_up_for_cpu(model, reuse_memory: bool = True, dropout: bool = True, att
         changes.append(f"{replaced} dropout layers draw masks 4 per random number")
     if attention and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
         AttentionInterface.register(ATTENTION_NAME, cpu_attention)
+        # transformers builds no mask at all for an attention name it has no mask function for:
+        # padding and sliding windows (ModernBERT's local layers) would silently be ignored.
+        # SDPA's boolean masks suit both paths (None where nothing is masked: no pass at all).
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
         model.set_attn_implementation(ATTENTION_NAME)
         changes.append("attention runs as matmul-softmax-matmul while training (SDPA otherwise)")
     if tied_gradient and share_tied_gradient(model):
