@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
+from utils import cpu
 from utils.cpu import (
     FastDropout,
     cpu_attention,
@@ -192,19 +193,28 @@ def test_speed_ups_keep_the_models_padding_mask(model_type, autocast):
     assert torch.allclose(ours, theirs, atol=2e-2 if autocast else 1e-5)
 
 
-def test_speed_ups_keep_modernberts_local_attention_window():
+@pytest.mark.parametrize("path", ["sdpa", "matmul"])
+def test_speed_ups_keep_modernberts_local_attention_window(path, monkeypatch):
+    # A dropout too small to drop anything sends training to the matmul path in fp32, where the
+    # window (4 positions here, against a sequence of 32) is compared exactly.
+    dropout = 1e-12 if path == "matmul" else 0.0
+
     def model(window):
         torch.manual_seed(0)
         config = AutoConfig.for_model("modernbert", vocab_size=60, hidden_size=32, num_hidden_layers=3,
                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
                                       local_attention=window, global_attn_every_n_layers=3, pad_token_id=0,
-                                      bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)
+                                      bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
+                                      attention_dropout=dropout)
         return AutoModelForMaskedLM.from_config(config).train()
 
     plain, fast, wide = model(4), model(4), model(64)
     speed_up_for_cpu(fast, reuse_memory=False)
+    calls = []
+    monkeypatch.setattr(cpu, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
     ids = torch.randint(5, 60, (2, 32), generator=torch.Generator().manual_seed(0))
     ours, theirs, unwindowed = (m(input_ids=ids).logits for m in (fast, plain, wide))
+    assert len(calls) == (3 if path == "matmul" else 0)  # every layer, the two local ones included
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert not torch.allclose(theirs, unwindowed, atol=1e-4)  # the window does change the outputs
 

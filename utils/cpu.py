@@ -108,7 +108,8 @@ def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.
     """Attention for transformers' AttentionInterface, fast on CPU during training; SDPA otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    unsupported = kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None
+    # Sliding windows (ModernBERT's local layers) are in the mask, as for SDPA; softcapping is not.
+    unsupported = kwargs.get("softcap") is not None
     fused_wins = query.dtype == torch.float32 and dropout == 0.0  # SDPA's fused fp32 kernel is fastest then
     if not module.training or query.device.type != "cpu" or unsupported or fused_wins:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
