@@ -194,6 +194,38 @@ def test_speed_ups_keep_the_models_padding_mask(model_type, autocast):
 
 
 @pytest.mark.parametrize("path", ["sdpa", "matmul"])
+@pytest.mark.parametrize("model_type", sorted(SMALL))
+def test_a_training_step_with_every_speed_up_equals_the_models_own(model_type, path, monkeypatch):
+    """Sparse head, last layer on labelled positions, CPU attention, tied gradient, chunked loss: on a
+    padded batch, in fp32, the loss and every gradient are the unmodified model's."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    calls = []
+    if path == "matmul":  # fp32 without dropout would go to SDPA: send it to the matmul path instead
+        def matmul_instead(module, q, k, v, mask, dropout=0.0, scaling=None, **kwargs):
+            calls.append(1)
+            return matmul_attention(q, k, v, mask, dropout, scaling), None
+        monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", matmul_instead)
+    ids, mask, labels = mlm_batch()
+    plain, fast = tiny(model_type), tiny(model_type)
+    fast.load_state_dict(plain.state_dict())
+    install_mlm_head(fast)
+    speed_up_for_cpu(fast, reuse_memory=False)
+    losses = []
+    for model in (plain, fast):
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+    assert bool(calls) == (path == "matmul")
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    for (name, p), (_, f) in zip(plain.named_parameters(), fast.named_parameters()):
+        assert (p.grad is None) == (f.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, f.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("path", ["sdpa", "matmul"])
 def test_speed_ups_keep_modernberts_local_attention_window(path, monkeypatch):
     # A dropout too small to drop anything sends training to the matmul path in fp32, where the
     # window (4 positions here, against a sequence of 32) is compared exactly.
