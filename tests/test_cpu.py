@@ -130,6 +130,22 @@ def test_cpu_attention_takes_the_path_that_wins():
     assert torch.equal(dropped, matmul_attention(q, k, v, mask, dropout=0.2))
 
 
+@pytest.mark.parametrize("keys", [cpu.MATMUL_MAX_KEYS, cpu.MATMUL_MAX_KEYS + 1])
+def test_bf16_without_dropout_leaves_long_sequences_to_sdpa(keys, monkeypatch):
+    """The matmul path wins on sequences up to 512 in bf16; SDPA's fused kernel beyond (and it never
+    holds the sequence x sequence probabilities)."""
+    calls = []
+    monkeypatch.setattr(cpu, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
+    module = torch.nn.Module().train()
+    module.is_causal = False
+    q, k, v = (torch.randn(1, 2, keys, 8, dtype=torch.bfloat16) for _ in range(3))
+    short = keys <= cpu.MATMUL_MAX_KEYS
+    cpu_attention(module, q, k, v, None, dropout=0.0)
+    assert len(calls) == short
+    cpu_attention(module, q, k, v, None, dropout=0.1)  # with dropout SDPA has only its slow math path
+    assert len(calls) == short + 1
+
+
 def test_model_with_speed_ups_predicts_the_same_and_saves_ordinary_checkpoints(tmp_path):
     torch.manual_seed(0)
     def config():  # one each: the attention choice lives on the config
