@@ -13,7 +13,8 @@ Measured on a 2-core Xeon (AMX), BERT 6x384, batch 16 x 128 tokens, bf16 autocas
   probabilities of one layer (16 x 12 x 128 x 128, fp32), 2.0 -> 1.3 ms on hidden states.
 - With dropout on, SDPA runs its unfused math path (50 ms per layer, forward and
   backward); without dropout, its fused CPU kernel has a slow bf16 backward (55 ms).
-  Plain matmul-softmax-matmul attention takes 9 ms, plus the mask.
+  Plain matmul-softmax-matmul attention takes 9 ms, plus the mask (at 128 tokens; without
+  dropout, beyond 512 the fused kernel is faster, and there it stays: see cpu_attention).
 - With tied input and output embeddings (BERT, RoBERTa, ModernBERT...), autograd
   gives the vocabulary matrix two dense gradients, the head's and the embedding
   lookup's (a zeroed 47 MB tensor with 2,048 rows added in), and then adds them into a
