@@ -241,6 +241,37 @@ def test_a_training_step_with_every_speed_up_equals_the_models_own(model_type, p
             assert torch.allclose(p.grad, f.grad, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("model_type", sorted(SMALL))
+def test_a_bf16_training_step_with_every_speed_up_is_as_close_to_fp32_as_the_models_own(model_type):
+    """Under bf16 autocast the speed-ups take their own paths (the matmul attention with its softmax kept
+    in the scores' dtype, the head's own casts, the loss's bf16 branch): their loss and gradients must be
+    as close to the fp32 step's as the unmodified model's bf16 step is, and the gradients stay fp32."""
+    ids, mask, labels = mlm_batch()
+    plain, fast, exact = tiny(model_type), tiny(model_type), tiny(model_type)
+    fast.load_state_dict(plain.state_dict())
+    exact.load_state_dict(plain.state_dict())
+    install_mlm_head(fast)
+    speed_up_for_cpu(fast, reuse_memory=False)
+    losses = {}
+    for name, model, bf16 in (("plain", plain, True), ("fast", fast, True), ("exact", exact, False)):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses[name] = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        losses[name].backward()
+    plain_error, fast_error = 0.0, 0.0
+    for (name, p), (_, f), (_, e) in zip(plain.named_parameters(), fast.named_parameters(), exact.named_parameters()):
+        assert f.grad.dtype == torch.float32, name
+        scale = e.grad.norm()
+        if scale < 1e-6:  # analytically zero (the keys' bias): rounding noise only
+            continue
+        plain_error = max(plain_error, float((p.grad - e.grad).norm() / scale))
+        fast_error = max(fast_error, float((f.grad - e.grad).norm() / scale))
+    # bf16 itself puts the worst parameter's gradient ~1% off fp32's; the speed-ups may not add to that.
+    assert 0 < plain_error < 0.05
+    assert fast_error < 1.5 * plain_error, (fast_error, plain_error)
+    assert abs(losses["fast"] - losses["exact"]) <= 2 * abs(losses["plain"] - losses["exact"]) + 1e-3
+
+
 @pytest.mark.parametrize("path", ["sdpa", "matmul"])
 def test_speed_ups_keep_modernberts_local_attention_window(path, monkeypatch):
     # A dropout too small to drop anything sends training to the matmul path in fp32, where the
