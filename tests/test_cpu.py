@@ -186,8 +186,7 @@ def test_speed_ups_keep_the_models_padding_mask(model_type, autocast):
     mask unless told how: without that, every family attended to its padding.
     """
     ids, mask, labels = mlm_batch()
-    plain, fast = tiny(model_type), tiny(model_type)
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = tiny(model_type), tiny(model_type)  # tiny() seeds itself: the same weights
     speed_up_for_cpu(fast, reuse_memory=False)
     behind = ids.masked_fill(mask == 0, 7)  # other tokens at the padded positions
     real = mask.bool()
@@ -223,8 +222,7 @@ def test_a_training_step_with_every_speed_up_equals_the_models_own(model_type, p
             return matmul_attention(q, k, v, mask, dropout, scaling), None
         monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", matmul_instead)
     ids, mask, labels = mlm_batch()
-    plain, fast = tiny(model_type), tiny(model_type)
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = tiny(model_type), tiny(model_type)  # tiny() seeds itself: the same weights
     install_mlm_head(fast)
     speed_up_for_cpu(fast, reuse_memory=False)
     losses = []
@@ -247,9 +245,7 @@ def test_a_bf16_training_step_with_every_speed_up_is_as_close_to_fp32_as_the_mod
     in the scores' dtype, the head's own casts, the loss's bf16 branch): their loss and gradients must be
     as close to the fp32 step's as the unmodified model's bf16 step is, and the gradients stay fp32."""
     ids, mask, labels = mlm_batch()
-    plain, fast, exact = tiny(model_type), tiny(model_type), tiny(model_type)
-    fast.load_state_dict(plain.state_dict())
-    exact.load_state_dict(plain.state_dict())
+    plain, fast, exact = tiny(model_type), tiny(model_type), tiny(model_type)  # the same weights
     install_mlm_head(fast)
     speed_up_for_cpu(fast, reuse_memory=False)
     losses = {}
