@@ -37,7 +37,7 @@ from utils.data import check_extension
 from utils.errors import UsageError, exit_on_usage_error
 from utils.fill_mask import format_predictions, predict_masks
 from utils.logs import log_process, setup_logging
-from utils.masking import build_collator, mask_eval_dataset
+from utils.masking import build_collator, mask_eval_dataset, prediction_slots
 from utils.mlm_head import install_mlm_head
 from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
@@ -221,6 +221,14 @@ class DataTrainingArguments:
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Fraction of tokens selected for prediction, in (0, 1)."}
     )
+    max_predictions_per_seq: int | None = field(
+        default=None,
+        metadata={"help": "At most this many selected (predicted) tokens per block; a block with more keeps a random "
+                          "subset, the rest left unmasked, counted in the log (BERT's flag). Default: no cap, except "
+                          "on XLA (TPU) with sparse prediction, whose head predicts a fixed number of slots per block: "
+                          "the mean number selected plus 3 standard deviations, a multiple of 8 (32 at 128 tokens "
+                          "and 15%; about 1 block in 1000 goes over)."},
+    )
     mask_replace_prob: float = field(
         default=0.8, metadata={"help": "Of the selected tokens, the fraction replaced by the mask token."}
     )
@@ -305,6 +313,9 @@ class DataTrainingArguments:
         if not 0 < self.mlm_probability < 1:
             raise UsageError(f"--mlm_probability {self.mlm_probability} must be between 0 and 1 (exclusive); "
                              "0.15 is BERT's, 0.3 suits large models")
+        if self.max_predictions_per_seq is not None and self.max_predictions_per_seq < 1:
+            raise UsageError(f"--max_predictions_per_seq {self.max_predictions_per_seq} must be at least 1 (BERT used "
+                             "20 at 128 tokens)")
         for name in ("mask_replace_prob", "random_replace_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"--{name} {getattr(self, name)} must be between 0 and 1")
@@ -430,18 +441,21 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     #    stream them (each process its own share), or read the prepared blocks. Every text gets
     #    the ids tokenizer(text) gives, whatever padding its tokenizer.json holds. Then the
     #    collator: the Trainer masks each step's batches by (seed, step, row of the global batch)
-    #    only, whatever the data loader's workers or a resume did.
-    collator = build_collator(tokenizer, data_args, training_args)
+    #    only, whatever the data loader's workers or a resume did. On XLA the sparse head has a
+    #    fixed number of prediction slots per block, and the masking selects at most that many.
+    on_xla = xla.on_xla(training_args)
+    slots = prediction_slots(data_args, max_seq_length, fixed_slot_head=on_xla and model_args.sparse_prediction)
+    collator = build_collator(tokenizer, data_args, training_args, max_predictions=slots)
+    who = distributed.processes(training_args)
     train_dataset = eval_dataset = None
     if data_args.streaming:
         train_dataset, eval_dataset = streaming.streaming_datasets(
-            raw_datasets, tokenizer, data_args, max_seq_length, n_parts=training_args.world_size,
-            do_eval=training_args.do_eval,
+            raw_datasets, tokenizer, data_args, max_seq_length, n_parts=who.world, do_eval=training_args.do_eval,
         )
         # Each process reads its own shard of the stream (the default would have rank 0 read for all).
         training_args.accelerator_config.dispatch_batches = False
-        if training_args.world_size > 1:
-            rank, world = training_args.process_index, training_args.world_size
+        if who.world > 1:
+            rank, world = who.rank, who.world
             distributed.process_logger.info("Process %d of %d streams its own share of the training text: texts "
                                             "%d, %d, %d, ...", rank, world, rank, rank + world, rank + 2 * world)
     else:
@@ -462,19 +476,21 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         # Masked once with a fixed seed: every evaluation scores the same positions.
         with distributed.main_process_first(training_args, "masking the evaluation set"):
             eval_dataset = mask_eval_dataset(eval_dataset, collator, training_args.seed)
-        if xla.on_xla(training_args):
-            full = xla.trim_to_full_batches(eval_dataset, training_args.per_device_eval_batch_size,
-                                            training_args.world_size)
+        if collator.cap_report("eval"):
+            logger.info("Evaluation masks: %s", collator.cap_report("eval"))
+        if on_xla:
+            full = xla.trim_to_full_batches(eval_dataset, training_args.per_device_eval_batch_size, who.world)
             logger.info("XLA: evaluating on %d of %d blocks (whole batches only)", len(full), len(eval_dataset))
             eval_dataset = full
 
-    # 9. The model, with an MLM head that predicts masked positions only (not on XLA, where the
-    #    changing number of masked tokens would recompile the graph every step).
+    # 9. The model, with an MLM head that predicts masked positions only (on XLA, in a fixed
+    #    number of slots per block: a number of masked tokens that changed with every batch
+    #    would be a new graph to compile at every step).
     model = modeling.build_model(
         model_args, config, tokenizer, modeling.choose_attention(model_args.attn_implementation, training_args)
     )
-    sparse = model_args.sparse_prediction and not xla.on_xla(training_args)
-    logger.info("MLM head: %s", install_mlm_head(model, sparse=sparse))
+    logger.info("MLM head: %s", install_mlm_head(model, sparse=model_args.sparse_prediction,
+                                                 slots=slots if on_xla else None))
     if training_args.device.type == "cpu":
         for change in speed_up_for_cpu(model, reuse_memory=command_line):
             logger.info("CPU: %s", change)
@@ -488,13 +504,15 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     with locked_output_dir(training_args.output_dir, training_args.should_save), GracefulStop() as stop_on_signal:
         # 10. Trainer: loss averaged over the global batch's masked tokens, accuracy counted per batch.
         #     A guard against nan/inf steps, and SIGTERM/SIGINT turned into "save, then stop".
-        compilations = xla.CompilationCounter() if xla.on_xla(training_args) else None
-        tokens_per_step = (training_args.per_device_train_batch_size * training_args.world_size
+        compilations = xla.CompilationCounter() if on_xla else None
+        tokens_per_step = (training_args.per_device_train_batch_size * who.world
                            * training_args.gradient_accumulation_steps * max_seq_length)
         guard = compilations if compilations else NonFiniteGuard(model_args.nonfinite_loss)
         callbacks = [stop_on_signal, guard]
         trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
                                 callbacks=callbacks, tokens_per_step=tokens_per_step)
+        if on_xla and xla.start_replicas_equal(trainer.model, who.world):
+            logger.info("XLA: every replica starts from replica 0's weights")
 
         # 11. Train, then save the model, tokenizer and training state.
         results = {}
@@ -513,6 +531,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
             trainer.save_metrics("train", train_metrics)
             trainer.save_state()
             results.update(train_metrics)
+            if collator.cap_report("train"):
+                logger.info("Training masks: %s", collator.cap_report("train"))
             distributed.log_replica_checksums(trainer, tokenizer)
 
         # 12. Evaluate: loss, perplexity and masked-token accuracy.

@@ -27,6 +27,13 @@ def data_args(**overrides):
     return SimpleNamespace(**values)
 
 
+def run_args(**values):
+    """The training arguments the collator reads: seed, accumulation, and the process layout (one CPU process)."""
+    layout = dict(process_index=0, local_process_index=0, world_size=1, gradient_accumulation_steps=1,
+                  device=torch.device("cpu"))
+    return SimpleNamespace(**{**layout, **values})
+
+
 def blocks(tokenizer, n_rows=400, length=32, seed=0):
     """Rows shaped like packed blocks: [CLS] words [SEP] [CLS] words [SEP] ..."""
     rng = np.random.default_rng(seed)
@@ -127,7 +134,7 @@ def test_whole_word_masks_by_step_and_a_word_cut_by_the_block_start(tokenizer):
     rows = [{"input_ids": r["input_ids"][2:], "word_starts": [0, *r["word_starts"][3:]]} for r in rows]
     word_ids = word_ids[2:]
     collator = build_collator(tokenizer, data_args(whole_word_mask=True, mlm_probability=0.5),
-                              SimpleNamespace(seed=3, process_index=0, world_size=1, gradient_accumulation_steps=1))
+                              run_args(seed=3))
     batch = collator.mask_batch(collator(rows), step=7)
     labelled = (batch["labels"] != -100).numpy()
     assert_whole_words(labelled, word_ids)  # the cut word's remaining pieces form one word
@@ -160,8 +167,8 @@ def test_premasked_rows_of_unequal_length_are_padded_with_ignored_labels(tokeniz
 
 
 def seeded(tokenizer, **layout):
-    args = SimpleNamespace(seed=11, process_index=layout.get("rank", 0), world_size=layout.get("world_size", 1),
-                           gradient_accumulation_steps=layout.get("accumulation_steps", 1), dataloader_num_workers=0)
+    args = run_args(seed=11, process_index=layout.get("rank", 0), world_size=layout.get("world_size", 1),
+                    gradient_accumulation_steps=layout.get("accumulation_steps", 1), dataloader_num_workers=0)
     return build_collator(tokenizer, data_args(), args)
 
 
@@ -220,3 +227,49 @@ def test_masks_depend_on_the_step_not_on_how_many_batches_came_before(tokenizer)
     sequence = [masked(collator, rows, step)["labels"] for step in range(3)]
     assert torch.equal(masked(seeded(tokenizer), rows, 2)["labels"], sequence[2])  # a fresh collator, as on resume
     assert not torch.equal(sequence[0], sequence[1])  # each step draws new masks
+
+
+# --- the cap of predictions per block (--max_predictions_per_seq; the XLA head's slots) ------------------
+
+def test_capped_masks_keep_at_most_the_cap_per_row_a_subset_of_the_uncapped_draw(tokenizer):
+    rows = blocks(tokenizer, n_rows=200)
+    free = build_collator(tokenizer, data_args(mlm_probability=0.4))
+    capped = build_collator(tokenizer, data_args(mlm_probability=0.4), max_predictions=8)
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    ids = free._pad(rows)["input_ids"]
+    _, free_labels = free.mask_rows(ids, generator())
+    masked, labels = capped.mask_rows(ids, generator())
+    kept, drawn = labels != -100, free_labels != -100
+    assert (drawn.sum(1) > 8).sum() > 50  # the cap binds on many rows at 40% of 32 tokens
+    assert kept.sum(1).max() == 8 and torch.equal(kept.sum(1), drawn.sum(1).clamp(max=8))
+    assert not (kept & ~drawn).any()  # only tokens of the same draw are kept
+    assert torch.equal(masked[~kept], ids[~kept])  # dropped selections stay unmasked
+    # Which are kept is random, not the first ones of the row: later positions are kept too.
+    over = drawn.sum(1) > 8
+    last_drawn = (drawn[over] * torch.arange(32)).argmax(1)
+    assert kept[over].gather(1, last_drawn[:, None]).float().mean() > 0.2
+    dropped, total = int((drawn.sum(1) - 8).clamp(min=0).sum()), int(drawn.sum())
+    assert capped.cap_report("train") == (
+        f"{dropped:,} of {total:,} selected tokens ({dropped / total:.3%}) went over the cap of 8 "
+        "predictions per block (--max_predictions_per_seq) and were left unmasked")
+    assert free.cap_report("train") is None
+
+
+def test_default_slots_cover_nearly_every_block():
+    from utils.masking import default_max_predictions
+
+    assert default_max_predictions(128, 0.15) == 32  # BERT's 20 would cap about 4 blocks in 10
+    assert default_max_predictions(512, 0.15) == 104
+    assert default_max_predictions(32, 0.15) == 16
+    assert default_max_predictions(16, 0.9) == 16  # never more slots than tokens
+    over = sum(torch.distributions.Binomial(128, torch.tensor(0.15)).sample((20000,)) > 32)
+    assert over / 20000 < 0.003
+
+
+def test_evaluation_masks_are_capped_too(tokenizer):
+    rows = blocks(tokenizer, n_rows=64)
+    collator = build_collator(tokenizer, data_args(mlm_probability=0.5), max_predictions=4)
+    masked = mask_eval_dataset(Dataset.from_list(rows), collator, seed=0)
+    assert max(sum(label != -100 for label in row) for row in masked["labels"]) == 4
+    assert collator.cap_report("eval").endswith("cap of 4 predictions per block (--max_predictions_per_seq) and "
+                                                "were left unmasked")

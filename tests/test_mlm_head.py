@@ -213,3 +213,51 @@ def test_forward_keeps_the_models_signature(sparse):
     install_mlm_head(model, sparse=sparse)
     parameters = inspect.signature(model.forward).parameters
     assert {"input_ids", "attention_mask", "token_type_ids", "labels"} <= set(parameters)
+
+
+# --- fixed prediction slots (the XLA head) ---------------------------------------------------------------
+
+SLOTS = 6  # batch() labels at most 5 positions of a row
+
+
+@pytest.mark.parametrize("model_type", sorted(SMALL))
+def test_slot_head_loss_and_gradients_equal_the_dense_head(model_type):
+    ids, mask, labels = batch()
+    assert most_labelled(labels) <= SLOTS
+    dense, slotted = tiny(model_type), tiny(model_type)
+    install_mlm_head(dense, sparse=False)
+    mode = install_mlm_head(slotted, sparse=True, slots=SLOTS)
+    # ModernBERT's own sparse head selects a changing number of rows: dense on XLA.
+    assert mode == ("dense" if model_type == "modernbert" else f"sparse, {SLOTS} prediction slots per block")
+    subset = model_type not in ("albert", "modernbert")
+    dense_out = dense(input_ids=ids, attention_mask=mask, labels=labels)
+    with last_layer_rows(slotted) if subset else contextlib.nullcontext() as rows:
+        slot_out = slotted(input_ids=ids, attention_mask=mask, labels=labels)
+    if model_type != "modernbert":
+        assert slot_out.logits.shape == (4, SLOTS, VOCAB)  # the same shape whatever was masked
+        assert slot_out.slot_positions.shape == (4, SLOTS)
+    if subset:
+        assert rows == [SLOTS]  # the last layer ran on the slots too
+    assert torch.allclose(slot_out.loss, dense_out.loss, atol=1e-5)
+    n = (labels != -100).sum()
+    global_loss = slotted(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=2 * n).loss
+    assert torch.allclose(global_loss * 2, dense_out.loss, atol=1e-5)
+    dense_out.loss.backward()
+    slot_out.loss.backward()
+    for (name, d), (_, s) in zip(dense.named_parameters(), slotted.named_parameters()):
+        if d.grad is not None:
+            assert torch.allclose(d.grad, s.grad, atol=1e-5), name
+
+
+def test_slot_head_with_nothing_labelled_and_predictions_back_at_their_positions():
+    ids, mask, labels = batch()
+    model = tiny("bert")
+    install_mlm_head(model, slots=SLOTS)
+    empty = model(input_ids=ids, attention_mask=mask, labels=torch.full_like(labels, -100))
+    assert empty.logits.shape == (4, SLOTS, VOCAB) and empty.loss.item() == 0.0
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    dense_logits = tiny("bert")(input_ids=ids, attention_mask=mask).logits  # the same weights, every position
+    # What the Trainer hands preprocess_logits_for_metrics: every output but the loss.
+    predicted = predictions_at_labels((out.logits, out.slot_positions), labels)
+    expected = torch.where(labels != -100, dense_logits.argmax(-1), -100)
+    assert torch.equal(predicted, expected)

@@ -9,6 +9,7 @@ import pytest
 from run_mlm import main
 
 from .conftest import accelerate_launch, tiny_run_args
+from .test_masking import run_args
 
 NO_DROPOUT = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
               "max_position_embeddings=64,hidden_dropout_prob=0,attention_probs_dropout_prob=0")
@@ -60,8 +61,7 @@ def test_whole_word_blocks_carry_word_starts_and_words_are_masked_whole(corpus, 
     assert blocks.column_names == ["input_ids", "word_starts"]
     starts = np.array(blocks["word_starts"])
     assert 0.2 < starts.mean() < 0.9  # glued words span several pieces
-    collator = build_collator(tokenizer, args, SimpleNamespace(seed=0, process_index=0, world_size=1,
-                                                               gradient_accumulation_steps=1))
+    collator = build_collator(tokenizer, args, run_args(seed=0))
     rows = [blocks[i] for i in range(64)]
     batch = collator.mask_batch(collator(rows), step=0)
     labelled = (batch["labels"] != -100).numpy()

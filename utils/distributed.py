@@ -1,5 +1,11 @@
 """Several processes: one process group on CPU too, preprocessing waits that do not time out,
-work done once and shared, and checks that the processes really train one model together."""
+work done once and shared, and checks that the processes really train one model together.
+
+`processes()` answers "how many processes, and which one is this" for every backend, and
+says how they talk: a torch.distributed group (gloo on CPU, NCCL on GPUs), or XLA's own
+collectives (TPU), where accelerate never creates a torch.distributed group. Every wait and
+broadcast here goes through the one the processes have.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,13 +41,27 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_local_main(training_args) -> bool:
-    """Whether this is the first process of its machine.
+@dataclass(frozen=True)
+class Processes:
+    """Who this process is among the ones training together, and how they reach each other."""
+
+    rank: int  # global index, 0 = the main process
+    local_rank: int  # index on this machine, 0 = its first process
+    world: int  # how many train together (TPU: one per chip, or per core on v2/v3)
+    # "single": one process, nothing to wait for; "torch": a torch.distributed group (gloo,
+    # NCCL); "xla": XLA's collectives (xm.rendezvous), no torch.distributed group exists.
+    backend: str
+
+
+def processes(training_args) -> Processes:
+    """The process layout of this run, the same answer for every backend (CPU, GPU, TPU).
 
     On a single XLA device accelerate reports local_process_index -1 (transformers'
-    should_log then silences the only process there is); -1 counts as the first here.
+    should_log then silences the only process there is); it counts as the first here.
     """
-    return max(training_args.local_process_index, 0) == 0
+    world = training_args.world_size
+    backend = "single" if world <= 1 else "xla" if training_args.device.type == "xla" else "torch"
+    return Processes(training_args.process_index, max(training_args.local_process_index, 0), world, backend)
 
 
 def _has_accelerator() -> bool:
@@ -114,43 +136,53 @@ def _group():
 
 
 def vote_group(training_args):
-    """A gloo group of all processes for the stop vote (utils.training.GracefulStop); None with one or on XLA.
+    """A gloo group of all processes for the stop vote (utils.training.GracefulStop); None unless "torch".
 
     Its own group, with the training's ddp_timeout: gloo runs beside NCCL, so reading the
     vote never waits on a GPU, and it never queues behind the preprocessing waits of
-    `_group()`. On XLA (TPU) the processes keep the single-process rule: each stops at its
-    own first step end after the signal.
+    `_group()`. XLA agrees on a stop its own way (`utils.xla.PreemptionVote`).
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return None
-    if dist.get_backend() == "xla":
+    if processes(training_args).backend != "torch" or not (dist.is_available() and dist.is_initialized()):
         return None
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=training_args.ddp_timeout))
+
+
+def _wait_for_all(who: Processes, desc: str) -> None:
+    """Every process waits here until all have arrived (the caller checked there are several)."""
+    if who.backend == "xla":
+        import torch_xla.core.xla_model as xm
+
+        # XLA's rendezvous, as accelerate's wait_for_everyone on TPU; one graph sync.
+        xm.rendezvous(f"run_mlm: {desc}")
+    else:
+        import torch.distributed as dist
+
+        dist.barrier(group=_group())
 
 
 @contextlib.contextmanager
 def main_process_first(training_args, desc: str = "work"):
     """The local main process runs the block first; the others run it after (reading its caches).
 
-    Like TrainingArguments.main_process_first, but the others wait on a gloo group with a
-    24-hour timeout instead of the training group's ddp_timeout.
+    Like TrainingArguments.main_process_first, but with torch.distributed the others wait on
+    a gloo group with a 24-hour timeout instead of the training group's ddp_timeout; on XLA
+    they wait in XLA's rendezvous.
     """
-    if training_args.world_size <= 1:
+    who = processes(training_args)
+    if who.world <= 1:
         yield
         return
-    import torch.distributed as dist
-
-    is_main = is_local_main(training_args)
+    is_main = who.local_rank == 0
     if not is_main:
         logger.info("Waiting for the main process: %s", desc)
-        dist.barrier(group=_group())
+        _wait_for_all(who, desc)
     try:
         yield
     finally:
         if is_main:
-            dist.barrier(group=_group())
+            _wait_for_all(who, desc)
 
 
 def compute_once(training_args, compute, desc: str = "work"):
@@ -159,13 +191,21 @@ def compute_once(training_args, compute, desc: str = "work"):
     For results that must be identical everywhere even without a shared filesystem, and
     that are not reproducible when computed twice (a trained tokenizer).
     """
-    if training_args.world_size <= 1:
+    who = processes(training_args)
+    if who.world <= 1:
         return compute()
+    result = compute() if who.rank == 0 else None
+    if who.rank != 0:
+        logger.info("Waiting for rank 0: %s", desc)
+    if who.backend == "xla":
+        import torch_xla.core.xla_model as xm
+
+        # Every replica sends a payload (empty but for rank 0's) and receives all of them.
+        payloads = xm.rendezvous(f"run_mlm: {desc}", pickle.dumps(result) if who.rank == 0 else b"")
+        return pickle.loads(payloads[0])
     import torch.distributed as dist
 
-    box = [compute() if training_args.process_index == 0 else None]
-    if training_args.process_index != 0:
-        logger.info("Waiting for rank 0: %s", desc)
+    box = [result]
     dist.broadcast_object_list(box, src=0, group=_group())
     return box[0]
 
@@ -205,7 +245,8 @@ def report_cache_reuse(datasets, started: float, training_args) -> None:
     A cache file written after this process started its maps means it tokenized again
     (for instance because the cache is not on a filesystem the processes share).
     """
-    if training_args.world_size <= 1 or is_local_main(training_args):
+    who = processes(training_args)
+    if who.world <= 1 or who.local_rank == 0:
         return
     files = [f["filename"] for split in datasets.values() for f in split.cache_files]
     if not files:
@@ -213,10 +254,10 @@ def report_cache_reuse(datasets, started: float, training_args) -> None:
     rewritten = [f for f in files if os.path.getmtime(f) >= started]
     if rewritten:
         logger.warning("Process %d tokenized the data again instead of reading the main process's cache (%d of "
-                       "%d files rewritten)", training_args.process_index, len(rewritten), len(files))
+                       "%d files rewritten)", who.rank, len(rewritten), len(files))
     else:
         process_logger.info("Process %d read the tokenized data from the main process's cache (%d files)",
-                            training_args.process_index, len(files))
+                            who.rank, len(files))
 
 
 def parameter_checksum(model) -> str:

@@ -215,6 +215,10 @@ def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
     from utils.cpu import speed_up_for_cpu
+    from utils.xla import XLAAutocast, start_replicas_equal
+
+    class _Trainer(XLAAutocast, Trainer):  # bf16 on a TPU as run_mlm trains it (autocast, fp32 weights)
+        pass
 
     started = time.time()
     # A copy with this seed (not dataclasses.replace: that would check the arguments again, and
@@ -236,9 +240,11 @@ def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed
         speed_up_for_cpu(model, reuse_memory=command_line)
     counts = ConfusionCounts(len(labels))
     evaluation = data["validation"]
-    trainer = Trainer(model=model, args=run_args, train_dataset=data["train"], eval_dataset=evaluation,
-                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
-                      compute_metrics=counts, preprocess_logits_for_metrics=predicted_labels)
+    trainer = _Trainer(model=model, args=run_args, train_dataset=data["train"], eval_dataset=evaluation,
+                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+                       compute_metrics=counts, preprocess_logits_for_metrics=predicted_labels)
+    if run_args.device.type == "xla":  # a new classifier head: the same on every replica
+        start_replicas_equal(trainer.model, run_args.world_size)
     trainer.train()
     scores = {}
     for split, dataset in (("validation", evaluation), ("test", data.get("test"))):

@@ -23,9 +23,10 @@ def setup_logging(training_args) -> None:
     datasets.utils.logging.set_verbosity(library_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    from utils.distributed import is_local_main
+    from utils.distributed import processes
 
-    main = is_local_main(training_args) if training_args.log_on_each_node else training_args.process_index == 0
+    who = processes(training_args)
+    main = who.local_rank == 0 if training_args.log_on_each_node else who.rank == 0
     own_level = logging.INFO if main else logging.WARNING
     for name in ("run_mlm", "utils"):
         logging.getLogger(name).setLevel(min(own_level, library_level))
@@ -35,9 +36,12 @@ def setup_logging(training_args) -> None:
 
 def log_process(training_args) -> None:
     """One line per process: its rank, device and mixed precision (after the precision is chosen)."""
-    logging.getLogger("run_mlm").warning(
-        "Process rank %d of %d, device %s, mixed precision %s",
-        training_args.process_index, training_args.world_size, training_args.device,
-        # Set by --bf16/--fp16 or by the accelerate config's mixed_precision.
-        getattr(training_args, "mixed_precision", None) or ("bf16" if training_args.bf16 else "no"),
-    )
+    from utils.distributed import processes
+
+    who = processes(training_args)
+    # Set by --bf16/--fp16 or by the accelerate config's mixed_precision; on XLA, bf16 is our own autocast.
+    precision = getattr(training_args, "mixed_precision", None) or ("bf16" if training_args.bf16 else "no")
+    if getattr(training_args, "xla_autocast_bf16", False):
+        precision = "bf16 (autocast, fp32 weights)"
+    logging.getLogger("run_mlm").warning("Process rank %d of %d, device %s, mixed precision %s",
+                                         who.rank, who.world, training_args.device, precision)

@@ -6,12 +6,18 @@ Masks are drawn by `MLMCollator.mask_rows`, token by token or whole word by whol
 words are all handled the same way. Blocks carry a `word_starts` column (1 where a token
 begins a word) for that; a word cut by a block boundary is two words, one in each block,
 each masked whole on its own.
+
+`max_predictions` caps the selected tokens of each block (BERT's `max_predictions_per_seq`),
+so that a head that predicts a fixed number of slots per block (the sparse head on XLA,
+where shapes must not change between steps) sees every selected token: a block with more
+keeps a uniformly random subset of them, and the tokens dropped are counted.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DataCollatorForLanguageModeling
@@ -47,6 +53,10 @@ class MLMCollator(DataCollatorForLanguageModeling):
     world_size: int = 1
     accumulation_steps: int = 1
     whole_words: bool = False
+    max_predictions: int | None = None
+    # (tokens dropped by the cap, tokens selected before it) per kind of masking, as tensors
+    # on the device that did the masking: summed without a sync, read once for the log.
+    capped: dict = field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
@@ -119,7 +129,7 @@ class MLMCollator(DataCollatorForLanguageModeling):
         return batch
 
     def mask_rows(self, inputs: torch.Tensor, generator: torch.Generator, first_row: int = 0,
-                  global_rows: int | None = None, word_starts: torch.Tensor | None = None
+                  global_rows: int | None = None, word_starts: torch.Tensor | None = None, kind: str = "train"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask `inputs` as rows [first_row, first_row + len(inputs)) of a draw over `global_rows` rows.
 
@@ -128,7 +138,8 @@ class MLMCollator(DataCollatorForLanguageModeling):
         (True where a token begins a word), each token takes the decisions drawn for the
         first token of its word, so words are selected, masked or replaced whole; the first
         token of a row always begins a word (the rest of a word cut by the block boundary).
-        The numbers are drawn on the CPU and the rest runs where `inputs` are, with fixed
+        With `max_predictions`, a row keeps at most that many selected tokens (counted in
+        `capped[kind]`). The numbers are drawn on the CPU and the rest runs where `inputs` are, with fixed
         shapes (no boolean indexing), so that a batch on a GPU or XLA device stays there.
         """
         rows, length = inputs.shape
@@ -148,12 +159,46 @@ class MLMCollator(DataCollatorForLanguageModeling):
 
         special = (inputs.unsqueeze(-1) == self.special_ids.to(device)).any(-1)
         selected = (select < self.mlm_probability) & ~special
+        if self.max_predictions is not None and self.max_predictions < length:
+            drawn = selected
+            selected = cap_selection(selected, select, self.max_predictions)
+            self._tally(kind, drawn.sum() - selected.sum(), drawn.sum())
         labels = torch.where(selected, inputs, torch.full_like(inputs, -100))
         as_mask = selected & (replace < self.mask_replace_prob)
         as_random = selected & ~as_mask & (replace < self.mask_replace_prob + self.random_replace_prob)
         masked = torch.where(as_mask, torch.full_like(inputs, self.mask_token_id), inputs)
         masked = torch.where(as_random, random_ids.to(inputs.dtype), masked)
         return masked, labels
+
+    def _tally(self, kind: str, dropped: torch.Tensor, drawn: torch.Tensor) -> None:
+        before = self.capped.get(kind)
+        self.capped[kind] = (dropped, drawn) if before is None else (before[0] + dropped, before[1] + drawn)
+
+    def cap_report(self, kind: str) -> str | None:
+        """A line on how many selected tokens the cap dropped (one device sync); None without a cap."""
+        if self.max_predictions is None or kind not in self.capped:
+            return None
+        dropped, drawn = (int(t) for t in self.capped[kind])
+        return (f"{dropped:,} of {drawn:,} selected tokens ({dropped / max(drawn, 1):.3%}) went over the cap of "
+                f"{self.max_predictions} predictions per block (--max_predictions_per_seq) and were left unmasked")
+
+
+def cap_selection(selected: torch.Tensor, draws: torch.Tensor, cap: int) -> torch.Tensor:
+    """`selected` with at most `cap` True per row: those with the lowest `draws` (a uniformly random subset).
+
+    Fixed shapes (two sorts), so it runs on XLA as on the CPU.
+    """
+    keyed = torch.where(selected, draws, torch.full_like(draws, 2.0))  # unselected last (draws are < 1)
+    rank = keyed.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+    return selected & (rank < cap)
+
+
+def default_max_predictions(block_length: int, mlm_probability: float) -> int:
+    """Slots per block for a fixed-size sparse head: the mean number of selected tokens plus three
+    standard deviations (binomial), rounded up to a multiple of 8; about 1 block in 1000 has more."""
+    mean = block_length * mlm_probability
+    spread = math.sqrt(block_length * mlm_probability * (1 - mlm_probability))
+    return min(block_length, 8 * math.ceil((mean + 3 * spread) / 8))
 
 
 def mask_once(examples: dict, indices: list[int], collator: MLMCollator, seed: int) -> dict:
@@ -168,7 +213,7 @@ def mask_once(examples: dict, indices: list[int], collator: MLMCollator, seed: i
     # Padding is a special token, so it is never selected.
     padded = collator._pad([{k: v for k, v in r.items() if k in ("input_ids", WORD_STARTS)} for r in rows])
     starts = padded.get(WORD_STARTS) if collator.whole_words else None
-    masked_ids, labels = collator.mask_rows(padded["input_ids"], generator, word_starts=starts)
+    masked_ids, labels = collator.mask_rows(padded["input_ids"], generator, word_starts=starts, kind="eval")
     masked = {"input_ids": [ids[:n].tolist() for ids, n in zip(masked_ids, lengths)],
               "labels": [lab[:n].tolist() for lab, n in zip(labels, lengths)]}
     if "attention_mask" in examples:  # padded rows (pad_to_max_length) keep their mask
@@ -188,14 +233,20 @@ def mask_eval_dataset(dataset, collator: MLMCollator, seed: int):
     )
 
 
-def build_collator(tokenizer, data_args, training_args=None) -> MLMCollator:
-    """The collator configured from the arguments; masks keyed by optimizer step when `training_args` are given."""
+def build_collator(tokenizer, data_args, training_args=None, max_predictions: int | None = None) -> MLMCollator:
+    """The collator configured from the arguments; masks keyed by optimizer step when `training_args` are given.
+
+    `max_predictions`: the cap of selected tokens per block (see `prediction_slots`).
+    """
     layout = {}
     if training_args is not None:
+        from utils.distributed import processes
+
+        who = processes(training_args)
         layout = {
             "seed": training_args.seed,
-            "rank": training_args.process_index,
-            "world_size": training_args.world_size,
+            "rank": who.rank,
+            "world_size": who.world,
             "accumulation_steps": training_args.gradient_accumulation_steps,
         }
     # Rows padded to the longest of the batch (line_by_line) get lengths that suit matrix
@@ -212,5 +263,16 @@ def build_collator(tokenizer, data_args, training_args=None) -> MLMCollator:
         whole_word_mask=False,
         whole_words=data_args.whole_word_mask,
         pad_to_multiple_of=pad_to_multiple_of,
+        max_predictions=max_predictions,
         **layout,
     )
+
+
+def prediction_slots(data_args, block_length: int, fixed_slot_head: bool) -> int | None:
+    """The cap of predicted tokens per block: --max_predictions_per_seq, else a default where the
+    head predicts a fixed number of slots per block (`fixed_slot_head`: sparse prediction on XLA)."""
+    if data_args.max_predictions_per_seq is not None:
+        return min(data_args.max_predictions_per_seq, block_length)
+    if fixed_slot_head:
+        return default_max_predictions(block_length, data_args.mlm_probability)
+    return None

@@ -14,6 +14,12 @@ alone: 10 of its 12 d^2 products per token, and its attention scores, shrink to 
 positions (padded per row to the row with the most: about a fifth at 15% masking). Same
 loss and gradients (tests compare with the dense head for every family it covers).
 
+On XLA (TPU) the number of masked tokens, which changes every batch, must not become a
+shape: each change would compile a new graph. There the head works on a fixed number of
+slots per block (`slots`, BERT's max_predictions_per_seq): each row's masked positions,
+padded with ignored slots, gathered into a (rows, slots) grid; the masking caps a block's
+masked tokens at that number (`utils.masking.cap_selection`), so no label is lost.
+
 The loss is summed over masked tokens and divided by `num_items_in_batch`, the Trainer's
 count of masked tokens in the whole global batch, so that it is their exact mean on 1 or
 N processes and with gradient accumulation (see `utils.loss`).
@@ -24,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import MaskedLMOutput
@@ -85,27 +92,56 @@ def _with_our_loss(original):
     return forward
 
 
-def _sparse(original, encoder, head, last_layer=None):
+@dataclass
+class SlotMaskedLMOutput(MaskedLMOutput):
+    """The fixed-slot head's output: `logits` are (rows, slots, vocab), for the positions in `slot_positions`."""
+
+    slot_positions: torch.LongTensor | None = None
+
+
+def labelled_slots(selected: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, valid), both (rows, slots): each row's labelled positions in increasing order, then
+    unlabelled ones (distinct, so a scatter back never collides); `valid` marks the labelled."""
+    # A stable sort puts each row's labelled positions first, in increasing order.
+    positions = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :slots]
+    return positions, torch.arange(slots, device=selected.device) < selected.sum(dim=1, keepdim=True)
+
+
+def _sparse(original, encoder, head, last_layer=None, slots: int | None = None):
     """Encoder on all positions, head and loss on the labelled ones; logits are (masked tokens, vocab).
 
     With `last_layer` (a `LabelledPositions`), the encoder's last layer runs its queries
-    on the labelled positions only and returns their states.
+    on the labelled positions only and returns their states. With `slots` (on XLA), every
+    row has that many prediction slots: the same shapes whatever was masked.
     """
     dense = _with_our_loss(original)
 
     @functools.wraps(original)
     def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None or labels.device.type == "xla":
+        if labels is None or (labels.device.type == "xla" and slots is None):
             return dense(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                          num_items_in_batch=num_items_in_batch, **kwargs)
         inputs = {k: v for k, v in kwargs.items() if k in _ENCODER_INPUTS}
         selected = labels != -100
-        valid = last_layer.set(selected) if last_layer is not None and last_layer.usable() else None
+        use_layer = last_layer is not None and last_layer.usable()
+        if slots is not None:
+            positions, valid = labelled_slots(selected, slots)
+            if use_layer:
+                last_layer.positions = positions
+        else:
+            valid = last_layer.set(selected) if use_layer else None
         try:
             hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)[0]
         finally:
-            if valid is not None:
+            if last_layer is not None:
                 last_layer.positions = None
+        if slots is not None:
+            if not use_layer:  # (rows, length, hidden) -> (rows, slots, hidden)
+                hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
+            logits = head(hidden)
+            targets = labels.gather(1, positions).masked_fill(~valid, -100)
+            loss = masked_lm_loss(logits, targets, num_items_in_batch)
+            return SlotMaskedLMOutput(loss=loss, logits=logits, slot_positions=positions)
         hidden = hidden[selected if valid is None else valid]
         logits = head(hidden)
         loss = masked_lm_loss(logits, labels[selected], num_items_in_batch, all_labelled=True)
@@ -179,9 +215,8 @@ class LabelledPositions:
         most = int(counts.max())
         if most == 0:  # nothing labelled: the full layer, whose outputs go nowhere
             return None
-        # A stable sort puts each row's labelled positions first, in increasing order.
-        self.positions = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :most]
-        return torch.arange(most, device=selected.device) < counts[:, None]
+        self.positions, valid = labelled_slots(selected, most)
+        return valid
 
     def forward(self, hidden, mask, **kwargs):
         positions, (rows, length, width) = self.positions, hidden.shape
@@ -212,17 +247,18 @@ def _labelled_positions(model, encoder) -> LabelledPositions | None:
     return LabelledPositions(layers[-1], LAYERS[type(layers[-1]).__name__](layers[-1]))
 
 
-def install_mlm_head(model, sparse: bool = True, last_layer: bool = True) -> str:
-    """Give `model` the sparse (or dense) MLM forward; returns "sparse", "native sparse" or "dense".
+def install_mlm_head(model, sparse: bool = True, last_layer: bool = True, slots: int | None = None) -> str:
+    """Give `model` the sparse (or dense) MLM forward; returns what it got, to log.
 
     The forward of a model given labels returns our loss and, when sparse, logits for the
     masked positions only (and, with `last_layer`, the last encoder layer's output computed
-    there only). Without labels (fill-mask, pipelines) it is the model's own.
+    there only). Without labels (fill-mask, pipelines) it is the model's own. `slots`: the
+    fixed number of predictions per row that XLA needs (None: as many as were masked).
     """
     name = type(model).__name__
     # The Trainer then passes num_items_in_batch and scales for the number of processes.
     model.accepts_loss_kwargs = True
-    if sparse and name in NATIVE_SPARSE:
+    if sparse and name in NATIVE_SPARSE and slots is None:
         # Native path: selects labelled positions and divides by num_items_in_batch itself.
         model.sparse_prediction = True
         model.sparse_pred_ignore_index = -100
@@ -230,22 +266,30 @@ def install_mlm_head(model, sparse: bool = True, last_layer: bool = True) -> str
     if sparse and name in FAMILIES:
         encoder, head = FAMILIES[name](model)
         positions = _labelled_positions(model, encoder) if last_layer else None
-        model.forward = _sparse(model.forward, encoder, head, positions)
+        model.forward = _sparse(model.forward, encoder, head, positions, slots)
         if positions is not None:
             logger.info("The last encoder layer computes its output at masked positions only (eager, SDPA or CPU "
                         "attention; other attention implementations run it whole)")
-        return "sparse"
-    if sparse:
+        return "sparse" if slots is None else f"sparse, {slots} prediction slots per block"
+    if sparse and name in NATIVE_SPARSE:
+        logger.info("Sparse prediction for %s on XLA: its own sparse head changes shape with every batch; the MLM "
+                    "head runs on every position", name)
+    elif sparse:
         logger.info("Sparse prediction is not available for %s: the MLM head runs on every position", name)
     model.forward = _with_our_loss(model.forward)
     return "dense"
 
 
 def predictions_at_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Predicted ids shaped like `labels` (-100 where unlabelled), from dense or sparse logits."""
-    if isinstance(logits, tuple):  # some models return extra outputs
-        logits = logits[0]
+    """Predicted ids shaped like `labels` (-100 where unlabelled), from dense, sparse or slot logits."""
+    positions = None
+    if isinstance(logits, tuple):  # extra outputs: the slot head's positions, or a model's own
+        logits, positions = logits[0], (logits[1] if len(logits) == 2 and logits[1].shape == logits[0].shape[:2]
+                                        else None)
     predicted = logits.argmax(dim=-1)
+    if positions is not None:  # slots: back to their positions, fixed shapes (XLA)
+        slotted = torch.where(labels.gather(1, positions) != -100, predicted.to(labels.dtype), -100)
+        return torch.full_like(labels, -100).scatter(1, positions, slotted)
     if predicted.shape == labels.shape:
         return predicted
     full = torch.full_like(labels, -100)

@@ -134,6 +134,11 @@ def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, 
     where a bf16 matmul at the model's `shapes` beats fp32 (timed, see `cpu_precision`).
     The TPU launcher does not pass the config's mixed_precision to the processes, so
     without this a TPU run would train in fp32.
+
+    On XLA, bf16 is autocast by the Trainer (`utils.xla.XLAAutocast`), with fp32 weights,
+    and accelerate is told "no": given "bf16" on a TPU, accelerate exports XLA_USE_BF16=1,
+    which stores every weight, gradient and optimizer state in bf16 (and Pallas kernels
+    refuse it). `training_args.xla_autocast_bf16` says which happened.
     """
     chosen = training_args.mixed_precision  # from --bf16/--fp16 or ACCELERATE_MIXED_PRECISION
     if precision == "auto":
@@ -159,6 +164,11 @@ def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, 
         if flagged and flagged != wanted:
             raise UsageError(f"--precision {precision} contradicts --{flagged}; keep one of them")
         chosen = wanted
+    training_args.xla_autocast_bf16 = training_args.device.type == "xla" and chosen == "bf16"
+    if training_args.xla_autocast_bf16:
+        training_args.mixed_precision, training_args.bf16, training_args.fp16 = "no", False, False
+        logger.info("Precision: bf16 autocast on XLA, weights and optimizer state in fp32 (not XLA_USE_BF16)")
+        return chosen
     training_args.mixed_precision = chosen
     training_args.bf16, training_args.fp16 = chosen == "bf16", chosen == "fp16"
     return chosen

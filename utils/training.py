@@ -16,6 +16,7 @@ from utils.distributed import vote_group
 from utils.errors import RunError
 from utils.metrics import MaskedAccuracy
 from utils.mlm_head import predictions_at_labels
+from utils.xla import PreemptionVote, XLAAutocast
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,10 @@ class GracefulStop(TrainerCallback):
     step, one step after the first of them was signalled, and without waiting on each
     other at any other step. `stopped` is the signal they agreed on (None: training ended
     on its own, even if a signal came during its last step).
+
+    On XLA (TPU) the training runs in threads, where Python installs no signal handlers;
+    there XLA's own preemption sync manager catches SIGTERM and picks the step at which
+    every process stops (`utils.xla.PreemptionVote`). SIGINT is not caught there.
     """
 
     def __init__(self):
@@ -157,8 +162,12 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
         self._group = None
         self._vote = None  # (tensor, work) of the all-reduce started at the last step end
+        self._xla = None  # utils.xla.PreemptionVote on XLA
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if args.device.type == "xla":
+            self._xla = PreemptionVote()
+            return
         self._group = vote_group(args)
         if threading.current_thread() is not threading.main_thread():
             return
@@ -173,14 +182,16 @@ class GracefulStop(TrainerCallback):
             signal.signal(other, previous)
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = self._agree()
+        agreed = self._agree(state.global_step)
         if agreed:
             self.stopped = agreed
             control.should_save = True
             control.should_training_stop = True
 
-    def _agree(self) -> str | None:
+    def _agree(self, step: int) -> str | None:
         """The signal to stop for at this step end, the same in every process; None to go on."""
+        if self._xla is not None:
+            return "SIGTERM" if self._xla.reached(step) else None
         if self._group is None:
             return self.signal
         import torch.distributed as dist
@@ -215,7 +226,7 @@ class GracefulStop(TrainerCallback):
         self.restore()
 
 
-class MLMTrainer(Trainer):
+class MLMTrainer(XLAAutocast, Trainer):
     """The Trainer, with training masks drawn per optimizer step on the main process.
 
     `get_batch_samples` gathers the batches of one optimizer step; masking them there, by
@@ -291,8 +302,13 @@ class Interrupted(RunError):
 
     def __init__(self, signal_name: str, step: int, output_dir: str):
         self.exit_code = 143 if signal_name == "SIGTERM" else 130  # the shell's 128 + signal number
+        self._args = (signal_name, step, output_dir)
         super().__init__(f"{signal_name} at step {step}: saved {output_dir}/checkpoint-{step}; run the same command "
                          "to resume from it")
+
+    def __reduce__(self):
+        # torch_xla's launcher sends a replica's exception to the launching process pickled.
+        return type(self), self._args
 
 
 def save_final_model(trainer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -40,6 +41,39 @@ def adapt_for_xla(training_args, data_args) -> list[str]:
         training_args.optim = OptimizerNames.ADAMW_TORCH
         changes.append("--optim adamw_torch (the fused AdamW kernel does not take XLA tensors)")
     return changes
+
+
+class XLAAutocast:
+    """Trainer mixin: bf16 autocast on XLA when `utils.precision.apply_precision` chose it.
+
+    transformers leaves autocast to accelerate, which on a TPU does not autocast bf16 but
+    exports XLA_USE_BF16 (everything stored in bf16). Here the forward passes of training
+    and evaluation run under `torch.autocast("xla", torch.bfloat16)`: matrix products in
+    bf16, weights, gradients and AdamW's moments in fp32.
+    """
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        if getattr(self.args, "xla_autocast_bf16", False):
+            import torch
+
+            return torch.autocast("xla", dtype=torch.bfloat16)
+        return super().autocast_smart_context_manager(cache_enabled)
+
+
+def start_replicas_equal(model, world: int) -> bool:
+    """With several replicas, give each the first replica's weights (on the device); returns whether it did.
+
+    A model built from scratch takes its initial weights from torch's CPU random generator,
+    which the replicas of one process share when torch_xla runs them as threads (TPU v2 and
+    v3 cores, torch_xla's CPU backend): each would start from different weights, and
+    averaging their gradients would not make them equal again.
+    """
+    if world <= 1:
+        return False
+    import torch_xla.core.xla_model as xm
+
+    xm.broadcast_master_param(model)
+    return True
 
 
 def nonfinite_check_note(mode: str) -> str:
@@ -132,3 +166,39 @@ class CompilationCounter(TrainerCallback):
                     summary["training_compilations_after_warmup"], summary["compilations_per_evaluation"],
                     summary["compilations_per_log"])
         return summary
+
+
+_preemption_lock = threading.Lock()
+_preemption_active = False
+
+
+class PreemptionVote:
+    """SIGTERM on XLA: every process learns of it at the same step, through XLA's preemption sync manager.
+
+    Under torch_xla's launcher the training function runs in a worker thread (one per
+    device), where Python cannot install signal handlers, so a SIGTERM would kill the run
+    outright. XLA's distributed runtime catches SIGTERM itself, in any thread, and its
+    coordination service agrees on a step at which every process (on every host) stops:
+    `reached(step)` is True there, and only there, in all of them. The sync manager is
+    started once per process, whichever of its replicas (threads) gets here first.
+    """
+
+    def __init__(self):
+        global _preemption_active
+        import torch_xla
+        import torch_xla.runtime as xr
+
+        with _preemption_lock:
+            if not _preemption_active:
+                try:
+                    master = xr.get_master_ip()  # a TPU pod's first host
+                except RuntimeError:  # no TPU metadata (torch_xla's CPU backend): this machine
+                    master = "localhost"
+                torch_xla._XLAC._ensure_xla_coordinator_initialized(xr.process_index(), xr.process_count(), master)
+                torch_xla._XLAC._activate_preemption_sync_manager()
+                _preemption_active = True
+        self._reached = torch_xla._XLAC._sync_point_reached
+
+    def reached(self, step: int) -> bool:
+        """Whether the processes agreed to stop at this optimizer step (after a SIGTERM to any of them)."""
+        return bool(self._reached(step))
