@@ -114,6 +114,7 @@ def test_missing_args_file(tmp_path):
         (["--model_type", "bert", "--validation_split_percentage", "100"], "--validation_split_percentage"),
         (["--model_type", "bert", "--dataset_name", "wikitext"], "--dataset_name and --train_file"),
         (["--model_type", "bert", "--tokenizer_vocab_size", "10"], "--tokenizer_vocab_size"),
+        (["--model_type", "bert", "--max_predictions_per_seq", "0"], "--max_predictions_per_seq"),
     ],
 )
 def test_contradictory_or_invalid_flags_name_the_flag(corpus, tmp_path, flags, flag_named):

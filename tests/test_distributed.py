@@ -294,13 +294,16 @@ def run_two_ranks(code: str, *args: str, timeout: int) -> list[str]:
 VOTE = """
 import json, sys
 from types import SimpleNamespace
+import torch
 import torch.distributed as dist
-from transformers import TrainerControl
+from transformers import TrainerControl, TrainerState
 from utils.training import GracefulStop
 
 rank, rendezvous, signals = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-args = SimpleNamespace(ddp_timeout=120)
+# The TrainingArguments fields GracefulStop reads, for rank `rank` of two CPU processes.
+args = SimpleNamespace(ddp_timeout=120, device=torch.device("cpu"), world_size=2, process_index=rank,
+                       local_process_index=rank)
 stop = GracefulStop()
 stop.on_train_begin(args, None, TrainerControl())
 stopped_at = None
@@ -308,7 +311,7 @@ for step in range(1, 30):
     if signals.get(str(step), {}).get(str(rank)):  # what this process's handler records during the step
         stop.signal = signals[str(step)][str(rank)]
     control = TrainerControl()
-    stop.on_step_end(args, None, control)
+    stop.on_step_end(args, TrainerState(global_step=step), control)
     if control.should_training_stop:
         assert control.should_save
         stopped_at = step
@@ -335,18 +338,20 @@ def test_processes_signalled_at_different_steps_stop_after_the_same_step(tmp_pat
 def test_one_process_stops_at_the_step_it_was_signalled():
     from types import SimpleNamespace
 
-    from transformers import TrainerControl
+    from transformers import TrainerControl, TrainerState
 
     from utils.training import GracefulStop
 
-    stop, args = GracefulStop(), SimpleNamespace(ddp_timeout=120)
+    stop = GracefulStop()
+    args = SimpleNamespace(ddp_timeout=120, device=torch.device("cpu"), world_size=1, process_index=0,
+                           local_process_index=0)
     stop.on_train_begin(args, None, TrainerControl())
     try:
         control = TrainerControl()
-        stop.on_step_end(args, None, control)
+        stop.on_step_end(args, TrainerState(global_step=1), control)
         assert not control.should_training_stop and stop.stopped is None
         stop.signal = "SIGTERM"
-        stop.on_step_end(args, None, control)
+        stop.on_step_end(args, TrainerState(global_step=2), control)
         assert control.should_training_stop and control.should_save and stop.stopped == "SIGTERM"
     finally:
         stop.on_train_end(args, None, TrainerControl())

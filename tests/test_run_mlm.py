@@ -164,3 +164,17 @@ def test_bad_length_for_a_pretrained_model_fails_before_writing_anything(trained
     with pytest.raises(UsageError, match="--max_seq_length 100 exceeds the 64 positions"):
         main(["--model_name_or_path", str(out), *args[cut:]])
     assert not (tmp_path / "never").exists()
+
+
+def test_max_predictions_per_seq_caps_the_masks_and_says_how_many_it_left_unmasked(tmp_path, corpus, caplog):
+    # As on a TPU with BERT's recipe, here on the CPU: at most 2 predicted tokens per block of 32.
+    with caplog.at_level(logging.INFO, logger="run_mlm"):
+        metrics = main(tiny_run_args(tmp_path / "out", corpus, "--max_predictions_per_seq", "2", "--max_steps", "10"))
+    lines = {r.getMessage().split(":")[0]: r.getMessage() for r in caplog.records if "went over the cap" in
+             r.getMessage()}
+    assert set(lines) == {"Training masks", "Evaluation masks"}
+    dropped, selected = (int(n.replace(",", "")) for n in lines["Training masks"].split()[2:5:2])
+    # 15% of 32 tokens is 4.8 a block: well over half of the selection is dropped by a cap of 2.
+    assert 0.4 < dropped / selected < 0.8, lines
+    assert "cap of 2 predictions per block (--max_predictions_per_seq)" in lines["Training masks"]
+    assert metrics["eval_loss"] > 0
