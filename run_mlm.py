@@ -44,7 +44,14 @@ from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
 from utils.precision import PRECISIONS, apply_precision, gemm_shapes
 from utils.tokenizer_kinds import KINDS, choose
-from utils.training import GracefulStop, Interrupted, NonFiniteGuard, build_trainer, save_final_model
+from utils.training import (
+    GracefulStop,
+    Interrupted,
+    NonFiniteGuard,
+    build_trainer,
+    check_nonfinite_option,
+    save_final_model,
+)
 
 logger = logging.getLogger("run_mlm")
 
@@ -363,6 +370,7 @@ def check_run_arguments(model_args, data_args, training_args) -> None:
         raise UsageError("--do_train needs training text: pass --train_file, --dataset_name or --builtin_corpus")
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs in")
+    check_nonfinite_option(model_args.nonfinite_loss, deepspeed=training_args.deepspeed_plugin is not None)
 
 
 @leaves_environment_as_found
@@ -491,7 +499,9 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     )
     logger.info("MLM head: %s", install_mlm_head(model, sparse=model_args.sparse_prediction,
                                                  slots=slots if on_xla else None))
-    if training_args.device.type == "cpu":
+    # Not for a sharded model: its layers hold shards that the CPU paths do not expect (on
+    # GPUs, where sharding is meant for, they never run).
+    if training_args.device.type == "cpu" and not distributed.sharding(training_args):
         for change in speed_up_for_cpu(model, reuse_memory=command_line):
             logger.info("CPU: %s", change)
     untrained = None
@@ -513,6 +523,9 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                                 callbacks=callbacks, tokens_per_step=tokens_per_step)
         if on_xla and xla.start_replicas_equal(trainer.model, who.world):
             logger.info("XLA: every replica starts from replica 0's weights")
+        sharded = distributed.shard_for_fsdp2(trainer)
+        if sharded:
+            logger.info(sharded)
 
         # 11. Train, then save the model, tokenizer and training state.
         results = {}
@@ -560,11 +573,14 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                 max_seq_length, tokenizer_source, tokenizer.mask_token, sys.argv[1:] if argv is None else argv,
                 tokens_per_step=tokens_per_step, plot=plot, data_stats=data_stats,
             )
-        if data_args.fill_mask_sentences and trainer.is_world_process_zero():
+        if data_args.fill_mask_sentences:
+            # Every process runs the model: a sharded one (FSDP, ZeRO-3) gathers its weights
+            # from all of them. The first prints.
             predictions = predict_masks(trainer.model, tokenizer, data_args.fill_mask_sentences,
                                         data_args.fill_mask_top_k)
-            print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
-                  flush=True)
+            if trainer.is_world_process_zero():
+                print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
+                      flush=True)
 
         # 14. Did it help? Fine-tune the starting point and the trained model on a labelled task,
         #     over seeds; the table goes into the model card.

@@ -116,7 +116,8 @@ def fit_cpu_threads(training_args) -> str | None:
 
 
 def check_process_group(training_args) -> None:
-    """Refuse to run when the launched processes did not form one training (they would train apart)."""
+    """Refuse to run when the launched processes did not form one training (they would train apart), or when
+    one process would drive several GPUs (the Trainer's nn.DataParallel)."""
     launched = launched_world_size()
     if launched > 1 and training_args.world_size != launched:
         raise UsageError(
@@ -124,6 +125,25 @@ def check_process_group(training_args) -> None:
             f"(world size {training_args.world_size}): each would train its own model. On a machine "
             "without GPUs, set ACCELERATE_USE_CPU=1 or use accelerate_configs/multi_cpu.yaml"
         )
+    if training_args.n_gpu > 1:
+        # The Trainer would wrap the model in nn.DataParallel: one process driving every GPU
+        # through replicas of the model, which the MLM head's modules are not made for, and
+        # slower than one process per GPU (DDP) in any case.
+        raise UsageError(
+            f"this one process sees {training_args.n_gpu} GPUs; launch one process per GPU with `accelerate launch "
+            "--config_file accelerate_configs/multi_gpu.yaml run_mlm.py ...`, or pick one GPU with "
+            "CUDA_VISIBLE_DEVICES=0"
+        )
+
+
+def sharding(training_args) -> str | None:
+    """"FSDP" or "DeepSpeed" when the model will be sharded across processes (known before the Trainer
+    exists: the --fsdp/--deepspeed flags, or the environment `accelerate launch` sets from its config)."""
+    if training_args.deepspeed_plugin is not None:
+        return "DeepSpeed"
+    if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "FSDP"
+    return None
 
 
 def _group():
@@ -289,3 +309,47 @@ def log_replica_checksums(trainer, tokenizer) -> None:
         state.process_index, state.num_processes, "none" if data is None else f"{int(data) % 2**64:016x}",
         parameter_checksum(trainer.model), tokenizer_checksum(tokenizer),
     )
+
+
+def shard_for_fsdp2(trainer) -> str | None:
+    """Under FSDP2, shard the model before accelerate does: a unit per transformer layer, the root holds the rest.
+
+    accelerate's own plan (1.15) gives the embeddings a unit of their own (BERT and RoBERTa
+    list them in `_no_split_modules`) and the output projection another, so the tied
+    vocabulary matrix, and BERT's decoder bias with its alias `cls.predictions.bias`,
+    would belong to two units: torch refuses that (at wrapping, or at the first forward).
+    Here every parameter shared between modules stays in the root unit, with the
+    embeddings and the MLM head, and each layer without a shared parameter is a unit.
+    accelerate leaves a model that is already sharded as it is. The config's
+    `fsdp_transformer_layer_cls_to_wrap`, resharding, mixed precision and offload settings
+    apply. Returns a line for the log; None when FSDP2 is not in use.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or plugin.fsdp_version != 2:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    model = trainer.model
+    if isinstance(model, FSDPModule):
+        return None
+    names: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        names[id(parameter)] = names.get(id(parameter), 0) + 1
+    shared = {key for key, count in names.items() if count > 1}
+    classes = set(plugin.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if m is not model and type(m).__name__ in classes
+              and not any(id(p) in shared for p in m.parameters())]
+    mesh = init_device_mesh(trainer.accelerator.device.type, (trainer.accelerator.num_processes,))
+    settings = {"mesh": mesh, "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    if plugin.cpu_offload is not None:
+        settings["offload_policy"] = plugin.cpu_offload
+    kinds = sorted({type(layer).__name__ for layer in layers})
+    # accelerate resolves its wrap policy's class names on the model it prepares: do it while
+    # the classes still have their names (fully_shard renames them FSDP<name>).
+    plugin.set_auto_wrap_policy(model)
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=plugin.reshard_after_forward, **settings)
+    fully_shard(model, **settings)  # the root: torch's default keeps its parameters gathered between passes
+    return (f"FSDP2: {len(layers)} {'/'.join(kinds) or 'layer'} units and the root (embeddings, MLM head, tied "
+            f"weights), over {trainer.accelerator.num_processes} processes")

@@ -25,9 +25,23 @@ from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 logger = logging.getLogger(__name__)
 
-# Mixes (seed, step) into one generator seed; any large odd constant keeps streams apart.
-_STEP_STRIDE = 1_000_003
 WORD_STARTS = "word_starts"
+_MASK64 = (1 << 64) - 1
+_EVAL = 1 << 40  # the "step" of the evaluation set's masks: never a training step
+
+
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The generator seed of one row's masks: a 63-bit hash of (seed, step, row) (splitmix64 rounds).
+
+    Nearby triples give unrelated seeds, so rows, steps and runs draw independent streams.
+    """
+    state = 0
+    for part in (seed, step, row):
+        state = (state ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state >> 1
 
 
 @dataclass
@@ -35,14 +49,15 @@ class MLMCollator(DataCollatorForLanguageModeling):
     """`DataCollatorForLanguageModeling` with reproducible, optionally whole-word masks.
 
     With `seed` set, the masks of a training batch are a function of the seed, the
-    optimizer step and the row's position in the global batch only: every process draws
-    the random numbers of the whole global batch (all processes, all accumulation steps)
-    and keeps its own rows. The collator then only pads; `mask_batch` draws the masks on
-    the main process, where the optimizer step is known (`utils.training.MLMTrainer` calls
-    it for each step's batches). A run on 1 or N processes, with 0 or N dataloader workers,
-    with or without gradient accumulation, or resumed from a checkpoint therefore masks the
-    same tokens of the same examples. Without a seed, each batch is masked when collated,
-    from torch's random generator.
+    optimizer step and the row's position in the global batch only: each row's random
+    numbers come from a generator seeded by (seed, step, global row), so every process
+    draws for its own rows only, whatever the number of processes and accumulation steps
+    (64 GPUs x 8 accumulation steps cost each process what one does). The collator then
+    only pads; `mask_batch` draws the masks on the main process, where the optimizer step
+    is known (`utils.training.MLMTrainer` calls it for each step's batches). A run on 1 or
+    N processes, with 0 or N dataloader workers, with or without gradient accumulation, or
+    resumed from a checkpoint therefore masks the same tokens of the same examples. Without
+    a seed, each batch is masked when collated, from torch's random generator.
 
     `whole_words`: rows carry `word_starts`, and every token of a selected word gets the
     word's decision (masked, replaced by random tokens, or kept). Rows that already carry
@@ -76,28 +91,25 @@ class MLMCollator(DataCollatorForLanguageModeling):
             # Masked later by `mask_batch`: a dataloader worker knows neither the optimizer step
             # nor where its batch falls in it.
             return batch
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-        return self._mask(batch, generator)
+        return self._mask(batch, torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)))))
 
     def mask_batch(self, batch: dict, step: int, micro: int = 0) -> dict:
         """Mask a padded batch as micro-batch `micro` of optimizer step `step` on this process (in place).
 
-        The generator is seeded by (seed, step): the same step draws the same numbers on
-        every process and in every run, whatever the data loader did before.
+        Row i of the batch is row (micro x world + rank) x rows + i of the step's global
+        batch, and its masks come from that number, the step and the seed only.
         """
         if "labels" in batch:  # masked already (the evaluation set)
             return batch
-        generator = torch.Generator().manual_seed(self.seed * _STEP_STRIDE + step)
         rows = batch["input_ids"].shape[0]
         first_row = (micro * self.world_size + self.rank) * rows
-        return self._mask(batch, generator, first_row, rows * self.world_size * self.accumulation_steps)
+        return self._mask(batch, [row_seed(self.seed, step, first_row + i) for i in range(rows)])
 
-    def _mask(self, batch: dict, generator: torch.Generator, first_row: int = 0,
-              global_rows: int | None = None) -> dict:
+    def _mask(self, batch: dict, seeds: list[int] | torch.Generator) -> dict:
         starts = batch.pop(WORD_STARTS, None)
         if self.whole_words and starts is None:
             raise ValueError("whole-word masking needs rows with word_starts (tokenize with --whole_word_mask)")
-        batch["input_ids"], batch["labels"] = self.mask_rows(batch["input_ids"], generator, first_row, global_rows,
+        batch["input_ids"], batch["labels"] = self.mask_rows(batch["input_ids"], seeds,
                                                              starts if self.whole_words else None)
         return batch
 
@@ -128,10 +140,9 @@ class MLMCollator(DataCollatorForLanguageModeling):
             batch["labels"][row, : len(row_labels)] = torch.as_tensor(row_labels)
         return batch
 
-    def mask_rows(self, inputs: torch.Tensor, generator: torch.Generator, first_row: int = 0,
-                  global_rows: int | None = None, word_starts: torch.Tensor | None = None, kind: str = "train"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask `inputs` as rows [first_row, first_row + len(inputs)) of a draw over `global_rows` rows.
+    def mask_rows(self, inputs: torch.Tensor, seeds: list[int] | torch.Generator,
+                  word_starts: torch.Tensor | None = None, kind: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask the rows of `inputs`, row i from a generator seeded by `seeds[i]` (or all from one generator).
 
         Returns (masked inputs, labels): labels hold the original id where a token was
         selected and -100 elsewhere. Special tokens are never selected. With `word_starts`
@@ -143,12 +154,9 @@ class MLMCollator(DataCollatorForLanguageModeling):
         shapes (no boolean indexing), so that a batch on a GPU or XLA device stays there.
         """
         rows, length = inputs.shape
-        shape = (global_rows or rows, length)
-        mine = slice(first_row, first_row + rows)
         device = inputs.device
-        select = torch.rand(shape, generator=generator)[mine].to(device)
-        replace = torch.rand(shape, generator=generator)[mine].to(device)
-        random_ids = torch.randint(len(self.tokenizer), shape, generator=generator)[mine].to(device)
+        select, replace, random_ids = self._draw(seeds, rows, length)
+        select, replace, random_ids = select.to(device), replace.to(device), random_ids.to(device)
         if word_starts is not None:
             starts = word_starts.to(device=device, dtype=torch.bool).clone()
             starts[:, 0] = True
@@ -169,6 +177,22 @@ class MLMCollator(DataCollatorForLanguageModeling):
         masked = torch.where(as_mask, torch.full_like(inputs, self.mask_token_id), inputs)
         masked = torch.where(as_random, random_ids.to(inputs.dtype), masked)
         return masked, labels
+
+    def _draw(self, seeds: list[int] | torch.Generator, rows: int, length: int):
+        """Per token: the selection draw, the replacement draw and a random id (CPU tensors)."""
+        vocab = len(self.tokenizer)
+        if isinstance(seeds, torch.Generator):
+            return (torch.rand(rows, length, generator=seeds), torch.rand(rows, length, generator=seeds),
+                    torch.randint(vocab, (rows, length), generator=seeds))
+        select, replace = torch.empty(rows, length), torch.empty(rows, length)
+        random_ids = torch.empty(rows, length, dtype=torch.long)
+        generator = torch.Generator()
+        for row, seed in enumerate(seeds):
+            generator.manual_seed(seed)
+            select[row].uniform_(generator=generator)
+            replace[row].uniform_(generator=generator)
+            random_ids[row].random_(0, vocab, generator=generator)
+        return select, replace, random_ids
 
     def _tally(self, kind: str, dropped: torch.Tensor, drawn: torch.Tensor) -> None:
         before = self.capped.get(kind)
@@ -202,18 +226,18 @@ def default_max_predictions(block_length: int, mlm_probability: float) -> int:
 
 
 def mask_once(examples: dict, indices: list[int], collator: MLMCollator, seed: int) -> dict:
-    """Mask a batch of rows with a generator seeded by (seed, position of the batch).
+    """Mask rows of the evaluation set, each by (seed, its index in the set).
 
-    Used on the evaluation set, so that every evaluation scores the same masked positions
-    and eval losses compare across steps and runs.
+    So that every evaluation scores the same masked positions and eval losses compare
+    across steps and runs (and map's batch size changes nothing).
     """
     rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
     lengths = [len(row["input_ids"]) for row in rows]
-    generator = torch.Generator().manual_seed(seed * _STEP_STRIDE + indices[0])
     # Padding is a special token, so it is never selected.
     padded = collator._pad([{k: v for k, v in r.items() if k in ("input_ids", WORD_STARTS)} for r in rows])
     starts = padded.get(WORD_STARTS) if collator.whole_words else None
-    masked_ids, labels = collator.mask_rows(padded["input_ids"], generator, word_starts=starts, kind="eval")
+    masked_ids, labels = collator.mask_rows(padded["input_ids"], [row_seed(seed, _EVAL, i) for i in indices],
+                                          word_starts=starts, kind="eval")
     masked = {"input_ids": [ids[:n].tolist() for ids, n in zip(masked_ids, lengths)],
               "labels": [lab[:n].tolist() for lab, n in zip(labels, lengths)]}
     if "attention_mask" in examples:  # padded rows (pad_to_max_length) keep their mask

@@ -135,8 +135,10 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
     import torch
     import transformers
 
+    from utils.modeling import count_parameters
+
     name = Path(output_dir).resolve().name
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     base = model_args.model_name_or_path
     on_hub = base is not None and not os.path.isdir(base)
     origin = ("trained from scratch" if base is None

@@ -161,15 +161,34 @@ def build_model(model_args, config, tokenizer, attn_implementation: str | None =
             )
         except (ValueError, ImportError) as e:
             raise UsageError(f"--attn_implementation {attn_implementation}: {one_line(e)}") from e
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("Model: %s, %.2fM parameters, attention %s", type(model).__name__, n_params / 1e6,
+    logger.info("Model: %s, %.2fM parameters, attention %s", type(model).__name__, count_parameters(model) / 1e6,
                 model.config._attn_implementation)
-    # A tokenizer with more tokens than the embedding table would index past its end.
-    embedding_size = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > embedding_size:
-        logger.info("Resizing token embeddings from %d to %d", embedding_size, len(tokenizer))
-        model.resize_token_embeddings(len(tokenizer))
+    cover_tokenizer(model, tokenizer)
     return model
+
+
+def count_parameters(model) -> int:
+    """The model's parameter count, also where DeepSpeed ZeRO-3 left each rank an empty shard of them.
+
+    Under ZeRO-3 `numel()` is 0 on every rank and the real count is the parameter's
+    `ds_numel`; under FSDP2 parameters are DTensors, whose `numel()` is already the whole
+    tensor's.
+    """
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def cover_tokenizer(model, tokenizer) -> None:
+    """Grow the embedding table when the tokenizer has more tokens than it has rows (it would index past its end).
+
+    The table's size comes from the module (`num_embeddings`), not from the weight, which
+    ZeRO-3 leaves empty on every rank; a table padded beyond the tokenizer (ModernBERT's
+    50368 for 50280 tokens) is left as it is.
+    """
+    embeddings = model.get_input_embeddings()
+    size = getattr(embeddings, "num_embeddings", None) or model.config.vocab_size
+    if len(tokenizer) > size:
+        logger.info("Resizing token embeddings from %d to %d", size, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
 
 
 def fit_config_to_tokenizer(config, tokenizer) -> None:

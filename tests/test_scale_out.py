@@ -1,0 +1,291 @@
+"""Paths that only many GPUs or nodes take (issue #28), run through their closest CPU analogue,
+or at the boundary where none exists: each test names which."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from utils.masking import build_collator
+from utils.tokenizer import train_wordpiece_tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda".split()
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=12)) for _ in range(200)]
+    return train_wordpiece_tokenizer(texts, vocab_size=150, model_max_length=512)
+
+
+def layout_collator(tokenizer, rank=0, world=1, accumulation=1):
+    data_args = SimpleNamespace(mlm_probability=0.15, mask_replace_prob=0.8, random_replace_prob=0.1,
+                                whole_word_mask=False, pad_to_multiple_of=None)
+    training_args = SimpleNamespace(seed=5, process_index=rank, local_process_index=rank, world_size=world,
+                                    gradient_accumulation_steps=accumulation, device=torch.device("cpu"))
+    return build_collator(tokenizer, data_args, training_args)
+
+
+def count_random_draws(monkeypatch) -> list[int]:
+    """Record the number of random values each torch sampling call makes (CPU generator)."""
+    drawn = []
+
+    def counting(original, size_of):
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            drawn.append(size_of(out))
+            return out
+        return wrapper
+
+    for name in ("rand", "randint", "randn", "bernoulli"):
+        monkeypatch.setattr(torch, name, counting(getattr(torch, name), torch.numel))
+    for name in ("uniform_", "random_", "bernoulli_", "normal_"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), torch.numel))
+    return drawn
+
+
+def test_a_rank_draws_random_numbers_for_its_own_rows_only(word_tokenizer, monkeypatch):
+    # Issue #28, item 5. Before: each micro-batch drew the whole global batch (rows x world x
+    # accumulation x length) and kept its slice: 64 ranks x 8 accumulation steps made every
+    # rank draw 512 times what it used. Now: three numbers per token of its own rows.
+    rows, length, world, accumulation = 4, 512, 64, 8
+    collator = layout_collator(word_tokenizer, rank=3, world=world, accumulation=accumulation)
+    batch = {"input_ids": torch.randint(5, len(word_tokenizer), (rows, length)),
+             "attention_mask": torch.ones(rows, length, dtype=torch.long)}
+    drawn = count_random_draws(monkeypatch)
+    for micro in range(accumulation):
+        collator.mask_batch({k: v.clone() for k, v in batch.items()}, step=9, micro=micro)
+    assert sum(drawn) == 3 * accumulation * rows * length
+
+
+def test_masks_of_a_rank_of_64_are_those_of_its_rows_in_one_process(word_tokenizer):
+    # The same masks whatever the layout: rank 37 of 64 with accumulation 2 masks global rows
+    # [(micro x 64 + 37) x 2, +2) exactly as one process masking all 256 rows at once does.
+    world, accumulation, rows, length = 64, 2, 2, 64
+    generator = torch.Generator().manual_seed(1)
+    everything = torch.randint(5, len(word_tokenizer), (world * accumulation * rows, length), generator=generator)
+    alone = layout_collator(word_tokenizer)
+    whole = alone.mask_batch({"input_ids": everything.clone()}, step=4)
+    rank = layout_collator(word_tokenizer, rank=37, world=world, accumulation=accumulation)
+    for micro in range(accumulation):
+        first = (micro * world + 37) * rows
+        mine = rank.mask_batch({"input_ids": everything[first:first + rows].clone()}, step=4, micro=micro)
+        assert torch.equal(mine["labels"], whole["labels"][first:first + rows])
+        assert torch.equal(mine["input_ids"], whole["input_ids"][first:first + rows])
+    assert (whole["labels"] != -100).float().mean().item() == pytest.approx(0.15, abs=0.02)
+
+
+def zero3_partitioned(model):
+    """What DeepSpeed ZeRO-3's partitioned init leaves on a rank: every parameter empty, its size in ds_numel."""
+    for parameter in model.parameters():
+        parameter.ds_numel, parameter.ds_shape = parameter.numel(), parameter.shape
+        parameter.data = torch.empty(0)
+    return model
+
+
+def test_zero3_partitioned_model_keeps_its_padded_vocabulary_and_counts_its_parameters(word_tokenizer, monkeypatch,
+                                                                                         caplog):
+    # Issue #28, item 2, at the boundary (DeepSpeed needs GPUs): build_model reads the
+    # embedding table's size and the parameter count from a model whose weights ZeRO-3
+    # partitioned. Before: shape[0] and numel() read 0, so every run "resized" the table to
+    # the tokenizer (shrinking a padded vocabulary) and logged 0.00M parameters.
+    import logging
+
+    from transformers import AutoModelForMaskedLM, BertConfig
+
+    from utils import modeling
+
+    config = BertConfig(vocab_size=len(word_tokenizer) + 42, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    whole = AutoModelForMaskedLM.from_config(config)
+    expected = sum(p.numel() for p in whole.parameters())
+
+    class Zero3Init:
+        @staticmethod
+        def from_config(config, **kwargs):
+            return zero3_partitioned(AutoModelForMaskedLM.from_config(config, **kwargs))
+
+    monkeypatch.setattr(modeling, "AutoModelForMaskedLM", Zero3Init)
+    resized = []
+    monkeypatch.setattr(type(whole), "resize_token_embeddings", lambda self, n, *a, **k: resized.append(n))
+    model_args = SimpleNamespace(model_name_or_path=None, dtype=None, trust_remote_code=False)
+    with caplog.at_level(logging.INFO, logger="utils.modeling"):
+        model = modeling.build_model(model_args, config, word_tokenizer)
+    assert resized == []
+    assert model.get_input_embeddings().num_embeddings == len(word_tokenizer) + 42
+    assert modeling.count_parameters(model) == expected
+    assert f"{expected / 1e6:.2f}M parameters" in caplog.text
+
+
+def test_fp16_run_whose_first_steps_overflow_goes_on_and_trains(corpus, tmp_path, monkeypatch, caplog):
+    # Issue #28, item 3, on the CPU: fp16 autocast runs here, and accelerate leaves out the
+    # GradScaler only because the device is a CPU; give it the one it makes on a GPU, with
+    # a scale so high that the first steps overflow (fp16 gradients pass 65504). Before:
+    # the guard saw the unscaled infinite norm and ended the run as "diverged" at step 1.
+    import json
+    import logging
+
+    import accelerate
+
+    from run_mlm import main
+
+    from .conftest import tiny_run_args
+
+    scalers = []
+    original_init = accelerate.Accelerator.__init__
+
+    def with_gpu_scaler(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if self.state.mixed_precision == "fp16" and self.scaler is None:
+            self.scaler, self.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**30), True
+            scalers.append(self.scaler)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_gpu_scaler)
+    out = tmp_path / "out"
+    args = [*tiny_run_args(out, corpus, "--max_steps", "40"), "--precision", "fp16"]
+    with caplog.at_level(logging.INFO):
+        main(args)
+    assert len(scalers) == 1 and scalers[0].get_scale() < 2.0**20  # it lowered its scale ...
+    overflowed = [r.getMessage() for r in caplog.records if "fp16 gradients overflowed" in r.getMessage()]
+    assert overflowed and "the loss scaler skips this step" in overflowed[0]  # ... on steps it skipped
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.3  # and trained after them
+    assert json.loads((out / "all_results.json").read_text())["eval_loss"] < 4.5
+
+
+def test_fp16_run_that_overflows_at_every_scale_stops_as_diverged(tmp_path):
+    # The other side of item 3: when lowering the scale no longer helps, the run stops and
+    # says why, naming the remedy; a finite step in between starts the count again.
+    from transformers import TrainerControl, TrainerState
+
+    from utils.training import NonFiniteGradients, NonFiniteGuard
+
+    guard = NonFiniteGuard("stop")
+    optimizer = SimpleNamespace(scaler=object())
+    args = SimpleNamespace(output_dir=str(tmp_path))
+
+    def step(norm, number):
+        guard.grad_norm = norm
+        guard.on_pre_optimizer_step(args, TrainerState(global_step=number - 1), TrainerControl(), model=None,
+                                    optimizer=optimizer)
+
+    for number in range(1, NonFiniteGuard.MAX_OVERFLOWS):
+        step(float("inf"), number)
+    step(1.0, 20)  # a finite step: the overflows in a row start again
+    for number in range(21, 20 + NonFiniteGuard.MAX_OVERFLOWS):
+        step(float("nan"), number)
+    with pytest.raises(NonFiniteGradients, match="overflowed in 20 steps in a row.*use bf16 rather than fp16"):
+        step(float("inf"), 20 + NonFiniteGuard.MAX_OVERFLOWS)
+
+
+def test_deepspeed_refuses_skipping_nonfinite_steps_in_one_line():
+    # Issue #28, item 3, at the boundary (DeepSpeed needs GPUs): its engine applies the step
+    # inside backward, so "skip" could not skip; the run refuses the option before starting.
+    from utils.errors import UsageError
+    from utils.training import check_nonfinite_option
+
+    with pytest.raises(UsageError, match="--nonfinite_loss skip does not work with DeepSpeed"):
+        check_nonfinite_option("skip", deepspeed=True)
+    check_nonfinite_option("stop", deepspeed=True)
+    check_nonfinite_option("skip", deepspeed=False)
+
+
+def test_deepspeed_nonfinite_step_stops_saying_it_was_applied_and_its_fp16_overflows_are_left_to_it(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from utils.training import NonFiniteGradients, NonFiniteGuard
+
+    guard = NonFiniteGuard("stop")
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    # fp16 under DeepSpeed: its optimizer skipped the overflowing step (accelerate's wrapper says so).
+    guard.grad_norm, guard.applied = float("inf"), True
+    guard.on_pre_optimizer_step(args, TrainerState(global_step=3), TrainerControl(), model=None,
+                                optimizer=SimpleNamespace(step_was_skipped=True))
+    assert guard.overflows == 1
+    # bf16 under DeepSpeed: nothing skipped it; the run stops and says the step was applied.
+    guard.grad_norm = float("nan")
+    with pytest.raises(NonFiniteGradients, match="after DeepSpeed applied it"):
+        guard.on_pre_optimizer_step(args, TrainerState(global_step=4), TrainerControl(), model=None,
+                                    optimizer=SimpleNamespace(step_was_skipped=False))
+
+
+def test_one_process_on_several_gpus_is_refused_in_one_line_naming_multi_gpu_yaml(corpus, tmp_path, monkeypatch):
+    # Issue #28, item 4, at the boundary (no GPUs here): `python run_mlm.py` on a machine
+    # with 2 GPUs, no launcher, is the one place the Trainer asks how many GPUs this process
+    # has (n_gpu) and wraps the model in nn.DataParallel. Before: the run went on into it.
+    from transformers import TrainingArguments
+
+    from run_mlm import main
+    from utils.errors import UsageError
+
+    from .conftest import tiny_run_args
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"sees 2 GPUs; launch one process per GPU .*multi_gpu\.yaml") as refused:
+        main(tiny_run_args(out, corpus, "--max_steps", "3"))
+    assert "\n" not in str(refused.value)
+    assert not out.exists() or not any(out.iterdir())
+
+
+FILL_MASK = "the cat sees the [MASK] ball every morning ."
+
+
+def launch_two(config: str, out, corpus, script=None):
+    """A 6-step from-scratch run on 2 CPU processes under `config`, without dropout (so that two ways of
+    computing the same steps can be compared), logging every step, with fill-mask at the end."""
+    from .conftest import REPO, accelerate_launch, tiny_run_args
+
+    args = tiny_run_args(out, corpus, "--max_steps", "6", "--logging_steps", "1", "--fill_mask_sentences", FILL_MASK)
+    overrides = args.index("--config_overrides") + 1
+    args[overrides] += ",hidden_dropout_prob=0,attention_probs_dropout_prob=0"
+    if script:
+        args = [str(REPO / "run_mlm.py"), *args]
+    return accelerate_launch(config, args, launcher_args=["--num_processes", "2", "--mixed_precision", "no"],
+                             timeout=400, script=script)
+
+
+def test_fsdp2_run_trains_like_ddp_finishes_its_end_steps_on_both_ranks_and_reloads(corpus, tmp_path):
+    # Issue #28, item 1 and the FSDP2 test. The closest CPU analogue of fsdp.yaml: the real
+    # launch, with accelerate's FSDP2 turned back on for CPU processes over gloo
+    # (tests/fsdp_on_cpu.py), so the model is sharded by fully_shard: DTensor parameters,
+    # all-gathers in every forward. Before: accelerate's own plan put the tied embedding and
+    # BERT's aliased decoder bias in two units and fully_shard refused them; and the
+    # end-of-run fill-mask ran the sharded model on rank 0 alone (its all-gathers never met).
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    from .conftest import REPO
+
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    sharded = launch_two("accelerate_configs/fsdp.yaml", fsdp, corpus, script=str(REPO / "tests" / "fsdp_on_cpu.py"))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "FSDP2: 2 BertLayer units and the root" in sharded.stdout + sharded.stderr
+    assert "Fill-mask predictions:" in sharded.stdout  # the forward every rank took part in
+    reference = launch_two("accelerate_configs/multi_cpu.yaml", ddp, corpus)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    def losses(out):
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    assert len(losses(fsdp)) == 6
+    assert losses(fsdp) == pytest.approx(losses(ddp), abs=1e-5)
+    sharded_weights, ddp_weights = load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")
+    # The gathered state dict holds the tied tensors under both names (no shared storage left to
+    # tell transformers they are one): equal copies, which loading ties again.
+    assert set(sharded_weights) - set(ddp_weights) <= {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    torch.testing.assert_close(sharded_weights.get("cls.predictions.decoder.weight", ddp_weights[
+        "bert.embeddings.word_embeddings.weight"]), ddp_weights["bert.embeddings.word_embeddings.weight"])
+    for name, weight in ddp_weights.items():
+        torch.testing.assert_close(sharded_weights[name], weight, atol=1e-5, rtol=0, msg=name)
+    # A full state dict: an ordinary checkpoint that plain transformers loads, in one process.
+    model = AutoModelForMaskedLM.from_pretrained(fsdp)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    torch.testing.assert_close(model.get_input_embeddings().weight,
+                               ddp_weights["bert.embeddings.word_embeddings.weight"], atol=1e-5, rtol=0)
