@@ -494,9 +494,9 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     # 9. The model, with an MLM head that predicts masked positions only (on XLA, in a fixed
     #    number of slots per block: a number of masked tokens that changed with every batch
     #    would be a new graph to compile at every step).
-    model = modeling.build_model(
-        model_args, config, tokenizer, modeling.choose_attention(model_args.attn_implementation, training_args)
-    )
+    padded_rows = data_args.line_by_line and not data_args.pad_to_max_length  # rows of different lengths
+    attention = modeling.choose_attention(model_args.attn_implementation, training_args, config, padded_rows)
+    model = modeling.build_model(model_args, config, tokenizer, attention)
     logger.info("MLM head: %s", install_mlm_head(model, sparse=model_args.sparse_prediction,
                                                  slots=slots if on_xla else None))
     # Not for a sharded model: its layers hold shards that the CPU paths do not expect (on

@@ -76,27 +76,6 @@ def test_the_timing_is_cached_per_cpu_and_shape(tmp_path):
     assert "measured in" in first[2] and "cached" in again[2] and "measured earlier" in again[2]
 
 
-def test_cpu_timing_runs_while_the_other_processes_wait(tmp_path):
-    """run_mlm and utils.downstream alike: one process per machine times, the rest read its cache afterwards."""
-    import contextlib
-
-    events = []
-
-    @contextlib.contextmanager
-    def main_process_first(local, desc):
-        events.append(("enter", local))
-        yield
-        events.append("exit")
-
-    a = args()
-    a.main_process_first = main_process_first
-    with mock.patch.object(precision, "native_bf16", return_value=(True, "this CPU")), \
-            mock.patch.object(precision, "matmul_rates",
-                              side_effect=lambda shapes: events.append("timed") or {"bfloat16": 1.0, "float32": 2.0}):
-        precision.apply_precision(a, "auto", [(64, 32, 32)], tmp_path)
-    assert events == [("enter", True), "timed", "exit"]
-
-
 def test_real_timing_is_a_fraction_of_a_second(tmp_path):
     import time
 

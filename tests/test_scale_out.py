@@ -289,3 +289,100 @@ def test_fsdp2_run_trains_like_ddp_finishes_its_end_steps_on_both_ranks_and_relo
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     torch.testing.assert_close(model.get_input_embeddings().weight,
                                ddp_weights["bert.embeddings.word_embeddings.weight"], atol=1e-5, rtol=0)
+
+
+PRECISION_ON_TWO_MACHINES = """
+import json, sys
+from types import SimpleNamespace
+from unittest import mock
+import torch
+import torch.distributed as dist
+from utils import precision
+
+rank, rendezvous, cache = int(sys.argv[1]), sys.argv[2], sys.argv[3] + sys.argv[1]
+dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+# Rank r is the first process of machine r; machine 0's CPU runs bf16 faster, machine 1's fp32.
+args = SimpleNamespace(mixed_precision="no", bf16=False, fp16=False, device=torch.device("cpu"), world_size=2,
+                       process_index=rank, local_process_index=0, deepspeed_plugin=None)
+timed = []
+rates = {"bfloat16": 2.0, "float32": 1.0} if rank == 0 else {"bfloat16": 1.0, "float32": 2.0}
+with mock.patch.object(precision, "native_bf16", return_value=(True, "this CPU")), \\
+        mock.patch.object(precision, "matmul_rates", side_effect=lambda shapes: timed.append(rank) or rates):
+    chosen = precision.apply_precision(args, "auto", [(64, 32, 32)], cache)
+print(json.dumps({"chosen": chosen, "bf16": args.bf16, "timed": timed}))
+dist.destroy_process_group()
+"""
+
+
+def test_precision_auto_is_decided_once_for_every_machine(tmp_path):
+    # Issue #28, item 6, on 2 CPU processes playing two machines whose CPUs disagree. Before:
+    # each machine timed its own CPU and kept its own answer (bf16 on one node, fp32 on the
+    # other, in one run). Now the first process decides and sends the answer to all.
+    import json
+
+    from .test_distributed import run_two_ranks
+
+    outputs = run_two_ranks(PRECISION_ON_TWO_MACHINES, str(tmp_path / "rendezvous"), str(tmp_path / "cache"),
+                            timeout=120)
+    results = [json.loads(stdout.strip().splitlines()[-1]) for stdout in outputs]
+    assert results == [{"chosen": "bf16", "bf16": True, "timed": [0]}, {"chosen": "bf16", "bf16": True, "timed": []}]
+
+
+def test_precision_fp32_rebuilds_a_deepspeed_config_made_for_bf16(monkeypatch):
+    # Issue #28, item 6, at the boundary (DeepSpeed is not installed in CI; checked by hand with
+    # deepspeed 0.19.8 on CPU: a ZeRO-3 accelerate config with mixed_precision bf16 and
+    # --precision fp32 kept {"bf16": {"enabled": true}} before, {"enabled": false} after).
+    # TrainingArguments fills DeepSpeed's precision in __post_init__, before --precision.
+    import accelerate.utils
+
+    from utils import precision
+
+    made = []
+
+    class Plugin:
+        def __init__(self, hf_ds_config=None):
+            self.deepspeed_config, self.hf_ds_config = {}, hf_ds_config
+            made.append(self)
+
+        def set_mixed_precision(self, mixed_precision):
+            self.deepspeed_config = {"bf16": {"enabled": mixed_precision == "bf16"},
+                                     "fp16": {"enabled": mixed_precision == "fp16"}}
+
+        def set_deepspeed_weakref(self):
+            self.weakref = True
+
+    monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", Plugin)
+    built_for_bf16 = Plugin()
+    built_for_bf16.set_mixed_precision("bf16")
+    args = SimpleNamespace(mixed_precision="bf16", bf16=False, fp16=False, device=torch.device("cpu"), world_size=1,
+                           process_index=0, local_process_index=0, deepspeed=None, deepspeed_plugin=built_for_bf16)
+    assert precision.apply_precision(args, "fp32") == "no"
+    assert args.deepspeed_plugin is made[-1] and args.deepspeed_plugin is not built_for_bf16
+    assert args.deepspeed_plugin.deepspeed_config == {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    assert args.deepspeed_plugin.weakref  # zero.Init at model load reads the new config
+    kept = args.deepspeed_plugin
+    assert precision.apply_precision(args, "fp32") == "no" and args.deepspeed_plugin is kept  # agreed: unchanged
+
+
+@pytest.mark.parametrize("model_type, padded_rows, expected", [
+    ("bert", False, None),  # packed blocks: SDPA's flash kernel, and the sparse head's last layer
+    ("bert", True, "flash_attention_2"),  # rows of different lengths: FA2 skips the padding
+    ("roberta", True, "flash_attention_2"),
+    ("modernbert", False, "flash_attention_2"),  # its local windows: work SDPA does in full
+    ("deberta-v2", True, None),  # no FA2 path: asking for it fails at load
+])
+def test_attention_auto_on_a_cuda_gpu_is_chosen_per_family_and_data_shape(monkeypatch, model_type, padded_rows,
+                                                                          expected):
+    # Issue #28, item 9, at the boundary (no GPU, no flash_attn here): a CUDA device in bf16
+    # with flash_attn installed. Before: FA2 for every family and every data shape.
+    import transformers.utils
+    from transformers import CONFIG_MAPPING
+
+    from utils.modeling import choose_attention
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    args = SimpleNamespace(device=torch.device("cuda"), bf16=True, fp16=False)
+    assert choose_attention("auto", args, CONFIG_MAPPING[model_type](), padded_rows) == expected
+    assert choose_attention("auto", SimpleNamespace(device=torch.device("cuda"), bf16=False, fp16=False),
+                            CONFIG_MAPPING[model_type](), padded_rows) is None  # fp32: FA2 has no fp32 kernels
+    assert choose_attention("sdpa", args, CONFIG_MAPPING[model_type](), padded_rows) == "sdpa"  # asked for: kept

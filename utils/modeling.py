@@ -119,16 +119,35 @@ def resolve_max_seq_length(requested: int | None, tokenizer, config, from_scratc
     return requested
 
 
-def choose_attention(requested: str, training_args) -> str | None:
-    """The attention implementation to ask transformers for (None: the model's default, SDPA)."""
+# Families whose FlashAttention-2 path does work SDPA cannot, even on packed blocks: ModernBERT's
+# local layers attend within a window, which FA2 computes as such and SDPA as a full masked pass.
+FA2_ON_BLOCKS = {"modernbert"}
+
+
+def choose_attention(requested: str, training_args, config=None, padded_rows: bool = False) -> str | None:
+    """The attention implementation to ask transformers for (None: the model's default, SDPA).
+
+    "auto" takes FlashAttention-2 only where it does less work than SDPA: on a CUDA GPU in
+    bf16/fp16 with `flash_attn` installed, for a family that has an FA2 path, and either on
+    rows padded to different lengths (FA2 skips the padding; SDPA with a padding mask falls
+    back from its flash kernel) or for a family in FA2_ON_BLOCKS. Packed blocks without
+    padding keep SDPA: its flash kernel does the same work there, and SDPA keeps the
+    masked-positions-only last layer of the sparse head.
+    """
     if requested != "auto":
         return requested
     from transformers.utils import is_flash_attn_2_available
 
     half = training_args.bf16 or training_args.fp16
-    if training_args.device.type == "cuda" and half and is_flash_attn_2_available():
-        return "flash_attention_2"
-    return None
+    if not (training_args.device.type == "cuda" and half and is_flash_attn_2_available()):
+        return None
+    if config is not None:
+        model_class = AutoModelForMaskedLM._model_mapping.get(type(config), None)
+        if not getattr(model_class, "_supports_flash_attn", False):
+            return None
+        if not padded_rows and config.model_type not in FA2_ON_BLOCKS:
+            return None
+    return "flash_attention_2"
 
 
 def build_model(model_args, config, tokenizer, attn_implementation: str | None = None):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from utils.distributed import compute_once
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,20 @@ def cpu_precision(shapes: list[tuple[int, int, int]], cache_dir: Path | None = N
     return ("bf16" if rates["bfloat16"] >= BF16_MARGIN * rates["float32"] else "no"), rates, origin
 
 
+def _auto_precision(device, shapes, cache_dir) -> tuple[str, str | None]:
+    """What --precision auto picks on this device ("bf16" or "no"), and the line that says why."""
+    has_bf16, name = native_bf16(device)
+    if not has_bf16:
+        return "no", None
+    if device.type != "cpu" or not shapes:
+        return "bf16", f"Precision: bf16 mixed precision ({name} has bf16 matrix units; --precision fp32 to turn off)"
+    chosen, rates, origin = cpu_precision(shapes, cache_dir)
+    return chosen, (
+        f"Precision: {'bf16 mixed precision' if chosen == 'bf16' else 'fp32'} (on {cpu_description()}, at the model's "
+        f"shapes, a bf16 matmul runs at {rates['bfloat16']:.0f} GFLOP/s and fp32 at {rates['float32']:.0f}; bf16 is "
+        f"used where it is {BF16_MARGIN:.2f}x fp32 or more; {origin}). --precision fp32 or bf16 to choose")
+
+
 def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, int]] | None = None,
                     cache_dir: Path | None = None) -> str:
     """Set the run's mixed precision from --precision; returns it ("bf16", "fp16" or "no").
@@ -142,22 +157,14 @@ def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, 
     """
     chosen = training_args.mixed_precision  # from --bf16/--fp16 or ACCELERATE_MIXED_PRECISION
     if precision == "auto":
-        has_bf16, device = native_bf16(training_args.device)
-        if chosen == "no" and has_bf16:
-            if training_args.device.type == "cpu" and shapes:
-                # The first process on each machine times and caches, the others then read its
-                # cache: every process takes the same precision, and none times while another
-                # loads the same CPUs.
-                with training_args.main_process_first(local=True, desc="timing bf16 and fp32 matmuls"):
-                    chosen, rates, origin = cpu_precision(shapes, cache_dir)
-                logger.info("Precision: %s (on %s, at the model's shapes, a bf16 matmul runs at %.0f GFLOP/s and "
-                            "fp32 at %.0f; bf16 is used where it is %.2fx fp32 or more; %s). --precision fp32 or "
-                            "bf16 to choose", "bf16 mixed precision" if chosen == "bf16" else "fp32",
-                            cpu_description(), rates["bfloat16"], rates["float32"], BF16_MARGIN, origin)
-            else:
-                chosen = "bf16"
-                logger.info("Precision: bf16 mixed precision (%s has bf16 matrix units; --precision fp32 to turn "
-                            "off)", device)
+        if chosen == "no":
+            # Decided once, by the first process, for every process on every machine: nodes
+            # that timed their own CPUs (or have different GPUs) could train in different
+            # precisions. The other processes wait meanwhile, so nothing else loads the CPUs.
+            chosen, line = compute_once(training_args, lambda: _auto_precision(training_args.device, shapes, cache_dir),
+                                        "choosing the precision")
+            if line:
+                logger.info(line)
     else:
         wanted = "no" if precision == "fp32" else precision
         flagged = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
@@ -171,4 +178,34 @@ def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, 
         return chosen
     training_args.mixed_precision = chosen
     training_args.bf16, training_args.fp16 = chosen == "bf16", chosen == "fp16"
+    if getattr(training_args, "deepspeed_plugin", None) is not None:
+        sync_deepspeed_precision(training_args)
     return chosen
+
+
+def sync_deepspeed_precision(training_args) -> None:
+    """Rebuild the DeepSpeed config when the precision changed after TrainingArguments built it.
+
+    TrainingArguments fills DeepSpeed's fp16/bf16 sections in its __post_init__, from the
+    --bf16/--fp16 flags or the launcher's mixed precision, before --precision is applied:
+    `--precision fp32` under a bf16 accelerate config would otherwise still train in bf16
+    (and `auto` could leave the Trainer and the engine disagreeing).
+    """
+    config = training_args.deepspeed_plugin.deepspeed_config
+    enabled = {dtype: str(config.get(dtype, {}).get("enabled", False)).lower() == "true" for dtype in ("fp16", "bf16")}
+    if enabled == {"fp16": training_args.fp16, "bf16": training_args.bf16}:
+        return
+    from accelerate.utils import DeepSpeedPlugin
+
+    if training_args.deepspeed:  # a --deepspeed config file: its "auto" values are filled from the arguments
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
+        training_args.hf_deepspeed_config.trainer_config_process(training_args)
+        plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)
+    else:  # accelerate's DeepSpeed config, passed in the environment
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision(training_args.mixed_precision)
+        plugin.set_deepspeed_weakref()
+    training_args.deepspeed_plugin = plugin
+    logger.info("DeepSpeed: mixed precision %s (its config rebuilt for --precision)", training_args.mixed_precision)
