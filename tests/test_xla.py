@@ -264,7 +264,8 @@ def test_bf16_on_a_tpu_is_autocast_with_fp32_weights_not_xla_use_bf16(monkeypatc
     from utils.xla import XLAAutocast
 
     fake_torch_xla(monkeypatch, device_type="TPU")
-    args = SimpleNamespace(device=torch.device("xla", 0), mixed_precision="no", bf16=False, fp16=False)
+    args = SimpleNamespace(device=torch.device("xla", 0), mixed_precision="no", bf16=False, fp16=False,
+                           world_size=1, process_index=0, local_process_index=0)
     assert apply_precision(args, precision) == "bf16"
     # accelerate exports XLA_USE_BF16=1 (bf16 weights and optimizer state) exactly when it is told "bf16" on
     # a TPU (accelerate/state.py); told "no", it leaves the weights alone and our Trainer autocasts.
@@ -293,7 +294,8 @@ def test_fp32_on_a_tpu_and_auto_on_xlas_cpu_backend_stay_fp32(monkeypatch):
     from utils.precision import apply_precision
 
     fake_torch_xla(monkeypatch, device_type="CPU")  # torch_xla's CPU backend has no bf16 units
-    args = SimpleNamespace(device=torch.device("xla", 0), mixed_precision="no", bf16=False, fp16=False)
+    args = SimpleNamespace(device=torch.device("xla", 0), mixed_precision="no", bf16=False, fp16=False,
+                           world_size=1, process_index=0, local_process_index=0)
     assert apply_precision(args, "auto") == "no" and not args.xla_autocast_bf16
     fake_torch_xla(monkeypatch, device_type="TPU")
     assert apply_precision(args, "fp32") == "no" and not args.xla_autocast_bf16
