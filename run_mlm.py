@@ -462,10 +462,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         )
         # Each process reads its own shard of the stream (the default would have rank 0 read for all).
         training_args.accelerator_config.dispatch_batches = False
-        if who.world > 1:
-            rank, world = who.rank, who.world
-            distributed.process_logger.info("Process %d of %d streams its own share of the training text: texts "
-                                            "%d, %d, %d, ...", rank, world, rank, rank + world, rank + 2 * world)
+        if who.world > 1 and raw_datasets is not None and "train" in raw_datasets:
+            _, share = streaming.part_texts(raw_datasets["train"], "", who.rank, who.world)
+            distributed.process_logger.info("Process %d of %d streams its own share of the training text: %s",
+                                            who.rank, who.world, share)
     else:
         if blocks is None:
             with distributed.main_process_first(training_args, "tokenizing"):

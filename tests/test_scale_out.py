@@ -386,3 +386,67 @@ def test_attention_auto_on_a_cuda_gpu_is_chosen_per_family_and_data_shape(monkey
     assert choose_attention("auto", SimpleNamespace(device=torch.device("cuda"), bf16=False, fp16=False),
                             CONFIG_MAPPING[model_type](), padded_rows) is None  # fp32: FA2 has no fp32 kernels
     assert choose_attention("sdpa", args, CONFIG_MAPPING[model_type](), padded_rows) == "sdpa"  # asked for: kept
+
+
+def sharded_stream(texts_per_shard: list[list[str]], opened: list[int]):
+    """A streamed dataset of len(texts_per_shard) shards (like a hub dataset's parquet files) that records
+    which shards were read."""
+    from datasets import IterableDataset
+
+    def rows(shards):
+        for shard in shards:
+            opened.append(shard)
+            for text in texts_per_shard[shard]:
+                yield {"text": text}
+
+    return IterableDataset.from_generator(rows, gen_kwargs={"shards": list(range(len(texts_per_shard)))})
+
+
+def shard_texts(shard: int, n: int = 40) -> list[str]:
+    return [f"shard {shard} line {i} " + " ".join(WORDS[(i + shard) % 10:]) for i in range(n)]
+
+
+def test_each_process_streams_only_its_own_shards(word_tokenizer):
+    # Issue #28, item 7. Before: every process read (downloaded, parsed) the whole stream and
+    # kept every N-th text. Now, with a multiple of N shards, each reads its own shards only.
+    from utils.streaming import _part_generator, part_texts
+
+    opened = []
+    raw = sharded_stream([shard_texts(s) for s in range(4)], opened)
+    texts, line = part_texts(raw, "text", part=1, n_parts=2)
+    assert list(texts) == shard_texts(2) + shard_texts(3)
+    assert opened == [2, 3] and line == "shards 2-3 of 4 (reads only those)"
+    # Part 0 starts where the evaluation blocks held out of the stream's start ended.
+    opened.clear()
+    texts, _ = part_texts(raw, "text", part=0, n_parts=2, skip_texts=5)
+    assert next(texts) == shard_texts(0)[5] and opened == [0]
+    # Blocks of a share: the ids of its own texts.
+    blocks = [row["input_ids"] for row in _part_generator([1], raw=raw, text_column="text", tokenizer=word_tokenizer,
+                                                          block_size=16, n_parts=2, skip_texts=0, max_blocks=3,
+                                                          passes=1)]
+    ids = word_tokenizer(shard_texts(2)[0])["input_ids"]
+    assert blocks[0][:len(ids[:16])] == ids[:16]
+    # Not a multiple of the processes: every N-th text of the whole stream, as before.
+    texts, line = part_texts(sharded_stream([shard_texts(s) for s in range(3)], []), "text", part=1, n_parts=2)
+    assert next(texts) == shard_texts(0)[1] and line.startswith("texts 1, 3, 5, ...")
+
+
+def test_a_share_of_the_stream_that_ends_is_read_again_so_processes_stay_in_step(word_tokenizer):
+    # Issue #28, item 7: shares of different lengths. Before, a process whose share ended
+    # ended its epoch alone (mid-accumulation: its gradient all-reduce met another step of the
+    # other processes). Now a share is read again, and --max_steps alone ends the training.
+    from utils.errors import UsageError
+    from utils.streaming import _part_generator
+
+    raw = sharded_stream([shard_texts(0, 40), shard_texts(1, 4)], [])  # share 1 is a tenth of share 0
+    kwargs = dict(raw=raw, text_column="text", tokenizer=word_tokenizer, block_size=16, n_parts=2, skip_texts=0,
+                  max_blocks=None)
+    once = [row["input_ids"] for row in _part_generator([1], **kwargs, passes=1)]
+    twice = [row["input_ids"] for row in _part_generator([1], **kwargs, passes=2)]
+    assert len(once) >= 1 and twice == once + once
+    import itertools
+
+    endless = itertools.islice(_part_generator([1], **kwargs), 10 * len(once))
+    assert len(list(endless)) == 10 * len(once)
+    with pytest.raises(UsageError, match="share 1 of 2 holds less than one block of 16 tokens"):
+        next(_part_generator([1], **{**kwargs, "raw": sharded_stream([shard_texts(0), []], [])}))

@@ -2,8 +2,9 @@
 
 Nothing here calls `len()`: a stream has no length. Training runs for `--max_steps`;
 evaluation uses a fixed number of held-out blocks, kept in memory. With several
-processes, each one tokenizes only its own share of the texts (every `world_size`-th
-text), so the ranks see different data and no rank tokenizes for the others.
+processes, each one tokenizes only its own share of the texts (its own shards of the
+stream where their number allows, else every `world_size`-th text), so the ranks see
+different data and no rank tokenizes for the others.
 """
 
 from __future__ import annotations
@@ -77,14 +78,48 @@ def take_blocks(texts: Iterable[str], tokenizer, block_size: int, n_blocks: int)
     return (np.stack(blocks) if blocks else np.empty((0, block_size), dtype=dtype)), stats.get("texts", 0)
 
 
+def part_texts(raw, text_column: str, part: int, n_parts: int, skip_texts: int = 0) -> tuple[Iterator[str], str]:
+    """The texts of one process's share of the training stream, and a line that says which they are.
+
+    Where the stream has a multiple of `n_parts` shards (files, hub parquet shards), each
+    process reads whole shards of its own, contiguous ones (part 0 begins with the stream's
+    start, where `skip_texts` texts were held out): it downloads and parses only those.
+    Otherwise every process reads the whole stream and tokenizes every `n_parts`-th text.
+    """
+    n_shards = getattr(raw, "n_shards", 1)
+    if n_parts > 1 and n_shards % n_parts == 0 and hasattr(raw, "shard"):
+        own = raw.shard(num_shards=n_parts, index=part, contiguous=True)
+        per = n_shards // n_parts
+        return (itertools.islice(iter_texts(own, text_column), skip_texts if part == 0 else 0, None),
+                f"shards {part * per}-{part * per + per - 1} of {n_shards} (reads only those)")
+    return (itertools.islice(iter_texts(raw, text_column), skip_texts + part, None, n_parts),
+            f"texts {part}, {part + n_parts}, {part + 2 * n_parts}, ... of the whole stream")
+
+
 def _part_generator(parts: list[int], *, raw, text_column: str, tokenizer, block_size: int, n_parts: int,
-                    skip_texts: int, max_blocks: int | None):
-    """Rows of blocks for the given parts: part p takes texts skip_texts + p, + p + n_parts, ..."""
+                    skip_texts: int, max_blocks: int | None, passes: int | None = None):
+    """Rows of blocks for the given parts (see `part_texts`), read again from the start each time a part ends.
+
+    A stream is trained on for --max_steps, and its shares are not equally long: a process
+    whose share ended would end its epoch on its own, mid-accumulation, and its gradient
+    all-reduces would pair with other steps of the other processes. So a share never ends
+    (`passes`: stop after that many, for tests); one that holds no block is an error.
+    """
     dtype = token_dtype(len(tokenizer))
     for part in parts:
-        texts = itertools.islice(iter_texts(raw, text_column), skip_texts + part, None, n_parts)
-        for block in itertools.islice(iter_blocks(texts, tokenizer, block_size, dtype), max_blocks):
-            yield {"input_ids": block.tolist()}
+        done = 0
+        while passes is None or done < passes:
+            texts, _ = part_texts(raw, text_column, part, n_parts, skip_texts)
+            count = 0
+            for block in itertools.islice(iter_blocks(texts, tokenizer, block_size, dtype), max_blocks):
+                count += 1
+                yield {"input_ids": block.tolist()}
+            if count == 0:
+                raise UsageError(f"the training stream's share {part} of {n_parts} holds less than one block of "
+                                 f"{block_size} tokens; give more text, fewer processes or a smaller --max_seq_length")
+            done += 1
+            logger.info("Streaming: share %d of %d of the training text ended after %d blocks; reading it again "
+                        "(pass %d)", part, n_parts, count, done + 1)
 
 
 def streaming_datasets(raw: dict, tokenizer, data_args, max_seq_length: int, n_parts: int,
