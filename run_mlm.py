@@ -457,9 +457,19 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     who = distributed.processes(training_args)
     train_dataset = eval_dataset = None
     if data_args.streaming:
+        # A resume starts each share of the stream where the checkpoint says, instead of the
+        # Trainer reading (and tokenizing) every batch it skips.
+        position = streaming.load_position(checkpoint, who.rank, who.world)
         train_dataset, eval_dataset = streaming.streaming_datasets(
             raw_datasets, tokenizer, data_args, max_seq_length, n_parts=who.world, do_eval=training_args.do_eval,
+            start={who.rank: position} if position else None,
         )
+        if position:
+            training_args.ignore_data_skip = True
+            distributed.process_logger.info(
+                "Process %d of %d resumes its share of the stream at text %d, token %d (pass %d), from %s: the "
+                "texts before it are skipped untokenized", who.rank, who.world, position[2], position[3],
+                position[0] + 1, checkpoint)
         # Each process reads its own shard of the stream (the default would have rank 0 read for all).
         training_args.accelerator_config.dispatch_batches = False
         if who.world > 1 and raw_datasets is not None and "train" in raw_datasets:
@@ -523,6 +533,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                                 callbacks=callbacks, tokens_per_step=tokens_per_step)
         if on_xla and xla.start_replicas_equal(trainer.model, who.world):
             logger.info("XLA: every replica starts from replica 0's weights")
+        if data_args.streaming and training_args.ignore_data_skip and checkpoint:
+            trainer.stream_resumed_from = checkpoint  # the stream starts where it stopped: no batches skipped
         sharded = distributed.shard_for_fsdp2(trainer)
         if sharded:
             logger.info(sharded)

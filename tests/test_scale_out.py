@@ -450,3 +450,62 @@ def test_a_share_of_the_stream_that_ends_is_read_again_so_processes_stay_in_step
     assert len(list(endless)) == 10 * len(once)
     with pytest.raises(UsageError, match="share 1 of 2 holds less than one block of 16 tokens"):
         next(_part_generator([1], **{**kwargs, "raw": sharded_stream([shard_texts(0), []], [])}))
+
+
+def test_a_share_resumed_from_a_row_position_goes_on_with_the_next_block_tokenizing_nothing_before(word_tokenizer,
+                                                                                                   monkeypatch):
+    # Issue #28, item 7: a resumed stream. Before: the Trainer skipped the batches of the
+    # steps already trained by reading and tokenizing them again. Now each row carries where
+    # the stream goes on after it; a resume from that position gives the same next blocks
+    # (across the end of a pass too) and tokenizes no text before it.
+    import itertools
+
+    from utils import streaming
+
+    raw = sharded_stream([shard_texts(0, 30), shard_texts(1, 30)], [])
+    kwargs = dict(raw=raw, text_column="text", tokenizer=word_tokenizer, block_size=16, n_parts=2, skip_texts=0,
+                  max_blocks=None)
+    rows = list(itertools.islice(streaming._part_generator([1], **kwargs, passes=3), 200))
+    per_pass = sum(1 for row in rows if row["stream_position"][0] == 0)
+    assert 5 < per_pass < len(rows) // 2
+    tokenized = []
+    encode = streaming.encode_to_arrays
+    monkeypatch.setattr(streaming, "encode_to_arrays", lambda texts, *a: tokenized.append(texts) or encode(texts, *a))
+    for k in (0, 3, per_pass - 2, per_pass - 1, per_pass + 4):
+        position = rows[k]["stream_position"]
+        tokenized.clear()
+        resumed = list(itertools.islice(streaming._part_generator([1], **kwargs, passes=3, start={1: position}), 12))
+        assert [r["input_ids"] for r in resumed] == [r["input_ids"] for r in rows[k + 1:k + 13]], k
+        assert [r["stream_position"] for r in resumed] == [r["stream_position"] for r in rows[k + 1:k + 13]], k
+        first_text = shard_texts(1, 30)[position[2]] if position[2] < 30 else shard_texts(1, 30)[0]
+        assert tokenized[0][0] == first_text, k  # the texts before the position are not tokenized again
+
+
+def test_a_streamed_run_resumed_from_a_checkpoint_starts_its_stream_there_and_ends_as_the_uninterrupted_run(
+        corpus, tmp_path, caplog):
+    # Issue #28, item 7, end to end: the same command on an output directory holding a
+    # checkpoint of the same run ends with the same weights, and the stream was not re-read.
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from run_mlm import main
+
+    from .conftest import tiny_run_args
+
+    def args(out):
+        return tiny_run_args(out, corpus, "--streaming", "--max_steps", "12", "--save_strategy", "steps",
+                             "--save_steps", "6", "--max_eval_samples", "16", "--per_device_train_batch_size", "8")
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    main(args(whole))
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-6", resumed / "checkpoint-6")
+    assert (resumed / "checkpoint-6" / "stream_position_0.json").exists()
+    with caplog.at_level(logging.INFO):
+        main(args(resumed))
+    assert "resumes its share of the stream at text" in caplog.text
+    expected, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, atol=1e-6, rtol=0, msg=name)

@@ -26,6 +26,7 @@ from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 logger = logging.getLogger(__name__)
 
 WORD_STARTS = "word_starts"
+STREAM_POSITION = "stream_position"  # as utils.streaming names it (this module imports no data code)
 _MASK64 = (1 << 64) - 1
 _EVAL = 1 << 40  # the "step" of the evaluation set's masks: never a training step
 
@@ -114,10 +115,12 @@ class MLMCollator(DataCollatorForLanguageModeling):
         return batch
 
     def _pad(self, examples):
-        starts = None
-        if isinstance(examples[0], dict) and WORD_STARTS in examples[0]:
-            starts = [e[WORD_STARTS] for e in examples]
-            examples = [{k: v for k, v in e.items() if k != WORD_STARTS} for e in examples]
+        starts = positions = None
+        if isinstance(examples[0], dict) and (WORD_STARTS in examples[0] or STREAM_POSITION in examples[0]):
+            starts = [e[WORD_STARTS] for e in examples] if WORD_STARTS in examples[0] else None
+            # Streamed rows: where the stream goes on after each (utils.training.MLMTrainer keeps the last).
+            positions = ([e[STREAM_POSITION] for e in examples] if STREAM_POSITION in examples[0] else None)
+            examples = [{k: v for k, v in e.items() if k not in (WORD_STARTS, STREAM_POSITION)} for e in examples]
         batch = pad_without_fast_tokenizer_warning(
             self.tokenizer, examples, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of
         )
@@ -128,6 +131,8 @@ class MLMCollator(DataCollatorForLanguageModeling):
             for row, row_starts in enumerate(starts):
                 padded[row, : len(row_starts)] = torch.as_tensor(row_starts, dtype=torch.bool)
             batch[WORD_STARTS] = padded
+        if positions is not None:
+            batch[STREAM_POSITION] = torch.tensor(positions, dtype=torch.long)
         return batch
 
     def _pad_premasked(self, examples):

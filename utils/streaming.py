@@ -20,6 +20,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value
 from utils.data import _non_blank, text_column_of, token_dtype
 from utils.encoding import encode_to_arrays, exact_copy, is_exact
 from utils.errors import UsageError
+from utils.masking import STREAM_POSITION
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,44 @@ def iter_blocks(texts: Iterable[str], tokenizer, block_size: int, dtype: str | N
         yield from flat[: n_blocks * block_size].reshape(n_blocks, block_size)
 
 
+def iter_positioned_blocks(texts: Iterable[str], tokenizer, block_size: int, dtype: str,
+                           drop_tokens: int = 0) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
+    """As `iter_blocks`, each block with where the next one starts: (text t, token o of its ids), t counted from
+    the first of `texts`. `drop_tokens`: start o tokens into the first text (a resume at such a position).
+
+    The blocks from a position are those the uninterrupted stream gives from there: a block
+    boundary is a point in the token stream, and every text gives the same ids however the
+    texts are batched.
+    """
+    if not is_exact(tokenizer):
+        tokenizer = exact_copy(tokenizer)
+    carry = np.empty(0, dtype=dtype)
+    # (text index, first token's offset in the stream) of the texts from the first one the carry holds.
+    starts: list[tuple[int, int]] = []
+    total = 0  # tokens in the stream so far, the dropped ones included
+    flat_start = drop_tokens  # stream offset of the carry's first token
+    index = 0
+    for batch in _batches(texts, TEXTS_PER_BATCH):
+        ids, offsets = encode_to_arrays(_non_blank(batch), tokenizer, dtype)
+        starts += [(index + i, total + int(offset)) for i, offset in enumerate(offsets)]
+        index, total = index + len(offsets), total + len(ids)
+        if total <= drop_tokens:
+            raise ValueError(f"cannot resume {drop_tokens} tokens into a text of {total}")
+        fresh = ids[max(drop_tokens - (total - len(ids)), 0):]
+        flat = np.concatenate([carry, fresh]) if len(carry) else fresh
+        n_blocks = len(flat) // block_size
+        offsets_in_stream = np.array([start for _, start in starts] + [total])
+        for j in range(n_blocks):
+            end = flat_start + (j + 1) * block_size
+            k = int(np.searchsorted(offsets_in_stream, end, side="right")) - 1
+            yield flat[j * block_size:(j + 1) * block_size], ((index, 0) if k == len(starts)
+                                                                else (starts[k][0], end - starts[k][1]))
+        carry = flat[n_blocks * block_size:].copy()
+        flat_start += n_blocks * block_size
+        starts = [start for k, start in enumerate(starts) if offsets_in_stream[k + 1] > flat_start]
+        drop_tokens = 0 if total > drop_tokens else drop_tokens
+
+
 def take_blocks(texts: Iterable[str], tokenizer, block_size: int, n_blocks: int) -> tuple[np.ndarray, int]:
     """The first `n_blocks` blocks of `texts`, and how many texts they used (whole texts, by line)."""
     dtype = token_dtype(len(tokenizer))
@@ -97,33 +136,64 @@ def part_texts(raw, text_column: str, part: int, n_parts: int, skip_texts: int =
 
 
 def _part_generator(parts: list[int], *, raw, text_column: str, tokenizer, block_size: int, n_parts: int,
-                    skip_texts: int, max_blocks: int | None, passes: int | None = None):
+                    skip_texts: int, max_blocks: int | None, passes: int | None = None,
+                    start: dict | None = None):
     """Rows of blocks for the given parts (see `part_texts`), read again from the start each time a part ends.
 
     A stream is trained on for --max_steps, and its shares are not equally long: a process
     whose share ended would end its epoch on its own, mid-accumulation, and its gradient
     all-reduces would pair with other steps of the other processes. So a share never ends
     (`passes`: stop after that many, for tests); one that holds no block is an error.
+
+    Each row carries `stream_position`: [pass, blocks of the pass so far, text, token] where
+    the next block starts. `start` ({part: such a position}, from a checkpoint) resumes a
+    part there: the texts before it are skipped untokenized.
     """
     dtype = token_dtype(len(tokenizer))
     for part in parts:
-        done = 0
+        done, blocks, first_text, drop = (start or {}).get(part, (0, 0, 0, 0))
         while passes is None or done < passes:
             texts, _ = part_texts(raw, text_column, part, n_parts, skip_texts)
-            count = 0
-            for block in itertools.islice(iter_blocks(texts, tokenizer, block_size, dtype), max_blocks):
+            texts = itertools.islice(texts, first_text, None)
+            left = None if max_blocks is None else max(max_blocks - blocks, 0)
+            count = blocks
+            for block, (text, token) in itertools.islice(
+                    iter_positioned_blocks(texts, tokenizer, block_size, dtype, drop), left):
                 count += 1
-                yield {"input_ids": block.tolist()}
+                yield {"input_ids": block.tolist(), STREAM_POSITION: [done, count, first_text + text, token]}
             if count == 0:
                 raise UsageError(f"the training stream's share {part} of {n_parts} holds less than one block of "
                                  f"{block_size} tokens; give more text, fewer processes or a smaller --max_seq_length")
-            done += 1
+            done, blocks, first_text, drop = done + 1, 0, 0, 0
             logger.info("Streaming: share %d of %d of the training text ended after %d blocks; reading it again "
                         "(pass %d)", part, n_parts, count, done + 1)
 
 
+def save_position(checkpoint: str, rank: int, world: int, position: list[int]) -> None:
+    """Write where this process's share of the stream goes on (see `_part_generator`) into a checkpoint."""
+    import json
+    import os
+
+    os.makedirs(checkpoint, exist_ok=True)
+    with open(os.path.join(checkpoint, f"stream_position_{rank}.json"), "w") as f:
+        json.dump({"world_size": world, "position": [int(v) for v in position]}, f)
+
+
+def load_position(checkpoint: str | None, rank: int, world: int) -> list[int] | None:
+    """The position `save_position` wrote for this process; None without one, or for another number of processes."""
+    import json
+    import os
+
+    path = os.path.join(checkpoint, f"stream_position_{rank}.json") if checkpoint else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved["position"] if saved.get("world_size") == world else None
+
+
 def streaming_datasets(raw: dict, tokenizer, data_args, max_seq_length: int, n_parts: int,
-                       do_eval: bool) -> tuple[IterableDataset | None, Dataset | None]:
+                       do_eval: bool, start: dict | None = None) -> tuple[IterableDataset | None, Dataset | None]:
     """The training stream of blocks (split into `n_parts` shards, one per process) and the held-out blocks.
 
     Evaluation blocks come from the start of the validation stream if there is one, else
@@ -154,9 +224,10 @@ def streaming_datasets(raw: dict, tokenizer, data_args, max_seq_length: int, n_p
                             block_size=max_seq_length, n_parts=n_parts, skip_texts=skip,
                             # --max_train_samples, shared between the parts
                             max_blocks=None if data_args.max_train_samples is None
-                            else -(-data_args.max_train_samples // n_parts))
+                            else -(-data_args.max_train_samples // n_parts),
+                            start=start)
         train_dataset = IterableDataset.from_generator(
             generator, gen_kwargs={"parts": list(range(n_parts))},
-            features=Features({"input_ids": List(Value(dtype))}),
+            features=Features({"input_ids": List(Value(dtype)), STREAM_POSITION: List(Value("int64"))}),
         )
     return train_dataset, eval_dataset

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from utils.distributed import vote_group
 from utils.errors import RunError
+from utils.masking import STREAM_POSITION
 from utils.metrics import MaskedAccuracy
 from utils.mlm_head import predictions_at_labels
 from utils.xla import PreemptionVote, XLAAutocast
@@ -281,14 +282,40 @@ class MLMTrainer(XLAAutocast, Trainer):
     """
 
     data_checksum = None  # a tensor on the device: a weighted sum of every token id this process trained on
+    stream_position = None  # streaming: where this process's share goes on after the rows trained on so far
+    stream_resumed_from = None  # streaming: the checkpoint the stream resumed from, until its first step
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         collator = self.data_collator
-        batches = (self._count(batch) for batch in itertools.islice(epoch_iterator, num_batches))
+        batches = (self._count(self._take_position(batch))
+                   for batch in itertools.islice(epoch_iterator, num_batches))
         if getattr(collator, "masks_by_step", False):
             step = self.state.global_step
             batches = (collator.mask_batch(batch, step, micro) for micro, batch in enumerate(batches))
-        return super().get_batch_samples(batches, num_batches, device)
+        samples = super().get_batch_samples(batches, num_batches, device)
+        if self.stream_resumed_from:
+            # As the Trainer does after skipping batches: the random state the checkpoint saved,
+            # restored once the first step's batches are in hand (starting the data loader
+            # draws a seed), so that dropout goes on as in the uninterrupted run.
+            self._load_rng_state(self.stream_resumed_from)
+            self.stream_resumed_from = None
+        return samples
+
+    def _take_position(self, batch: dict) -> dict:
+        positions = batch.pop(STREAM_POSITION, None)
+        if positions is not None:
+            self.stream_position = positions[-1].tolist()
+        return batch
+
+    def _save_checkpoint(self, model, trial):
+        # Written before the Trainer's files, so a checkpoint that counts as complete (its
+        # trainer_state.json is written last) has it: a resume then starts the stream there.
+        if self.stream_position is not None:
+            from utils.streaming import save_position
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            save_position(folder, self.args.process_index, self.args.world_size, self.stream_position)
+        super()._save_checkpoint(model, trial)
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
