@@ -538,6 +538,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         sharded = distributed.shard_for_fsdp2(trainer)
         if sharded:
             logger.info(sharded)
+        if trainer.is_deepspeed_enabled:
+            logger.info("DeepSpeed: ZeRO stage %s", trainer.accelerator.state.deepspeed_plugin.zero_stage)
 
         # 11. Train, then save the model, tokenizer and training state.
         results = {}
