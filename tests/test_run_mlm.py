@@ -178,3 +178,40 @@ def test_max_predictions_per_seq_caps_the_masks_and_says_how_many_it_left_unmask
     assert 0.4 < dropped / selected < 0.8, lines
     assert "cap of 2 predictions per block (--max_predictions_per_seq)" in lines["Training masks"]
     assert metrics["eval_loss"] > 0
+
+
+def test_the_saved_model_is_readable_like_every_other_file_of_the_run(corpus, tmp_path):
+    # safetensors 0.8 writes model.safetensors readable by its owner only (0600) where the run's
+    # other files are 0644 (umask 022): another user, or a node with another uid on shared
+    # storage, could not load the model (issue #31).
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    main(tiny_run_args(out, corpus, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+                       "--do_eval", "false"))
+    for folder in (out, out / "checkpoint-4"):
+        config_mode = stat.S_IMODE(os.stat(folder / "config.json").st_mode)
+        assert config_mode & 0o044  # the usual, group/other-readable mode of this machine's umask
+        assert stat.S_IMODE(os.stat(folder / "model.safetensors").st_mode) == config_mode, folder
+
+
+def test_a_directory_as_train_file_says_so_and_how_to_name_its_files(corpus, tmp_path):
+    # Before: "unsupported extension (none)" (issue #31). The suggested pattern then works.
+    from utils.data import resolve_data_files
+
+    folder = corpus.parent
+    with pytest.raises(UsageError, match=r"--train_file .* is a directory; name its files, for example "
+                                         r"--train_file \".*/\*\.txt\"") as refused:
+        main(tiny_run_args(tmp_path / "out", folder))
+    assert "\n" not in str(refused.value)
+    suggested = str(refused.value).split('for example --train_file "')[1].split('"')[0]
+    assert resolve_data_files([suggested], "train_file") == ("text", [str(corpus)])
+
+
+def test_the_process_summary_is_information_not_a_warning(corpus, tmp_path, caplog):
+    # "WARNING run_mlm: Process rank 0 of 1 ..." on every run read as a problem (issue #31).
+    with caplog.at_level(logging.INFO):
+        main(tiny_run_args(tmp_path / "out", corpus, "--max_steps", "2", "--do_eval", "false"))
+    summary = [r for r in caplog.records if r.getMessage().startswith("Process rank 0 of 1, device cpu")]
+    assert len(summary) == 1 and summary[0].levelname == "INFO"

@@ -36,6 +36,23 @@ def is_complete(checkpoint: str) -> bool:
     return True
 
 
+def match_weight_file_modes(folder: str) -> None:
+    """Give the weight files of `folder` the permissions of its config.json.
+
+    safetensors (0.8) writes `model.safetensors` readable by its owner only (0600), while
+    every other file of a run gets the usual mode (0644 under umask 022): on storage shared
+    by several nodes or users, the model would then not load for anyone else.
+    """
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        return
+    mode = os.stat(config).st_mode & 0o777
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith((".safetensors", ".safetensors.index.json")) and os.stat(path).st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest fully written checkpoint-N in `output_dir`; incomplete ones are logged and skipped."""
     steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)

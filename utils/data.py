@@ -37,6 +37,9 @@ def file_extension(path: str) -> str:
 
 def check_extension(path: str, flag: str) -> str:
     """Return the `datasets` builder for `path`, or raise a UsageError naming `flag`."""
+    if os.path.isdir(os.path.expanduser(path)):
+        raise UsageError(f"--{flag} {path} is a directory; name its files, for example --{flag} "
+                         f"\"{os.path.join(path, '*.txt')}\" (quoted: the script expands the pattern)")
     extension = file_extension(path)
     if extension not in BUILDERS:
         raise UsageError(

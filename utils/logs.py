@@ -43,5 +43,6 @@ def log_process(training_args) -> None:
     precision = getattr(training_args, "mixed_precision", None) or ("bf16" if training_args.bf16 else "no")
     if getattr(training_args, "xla_autocast_bf16", False):
         precision = "bf16 (autocast, fp32 weights)"
-    logging.getLogger("run_mlm").warning("Process rank %d of %d, device %s, mixed precision %s",
-                                         who.rank, who.world, training_args.device, precision)
+    # INFO on every process (run_mlm.process, see setup_logging): a summary, not a warning.
+    logging.getLogger("run_mlm.process").info("Process rank %d of %d, device %s, mixed precision %s",
+                                              who.rank, who.world, training_args.device, precision)

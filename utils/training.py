@@ -316,6 +316,11 @@ class MLMTrainer(XLAAutocast, Trainer):
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             save_position(folder, self.args.process_index, self.args.world_size, self.stream_position)
         super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from utils.checkpoints import match_weight_file_modes
+
+            match_weight_file_modes(os.path.join(self._get_output_dir(trial=trial),
+                                                 f"checkpoint-{self.state.global_step}"))
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -400,6 +405,9 @@ def save_final_model(trainer) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         names = sorted(os.listdir(tmp), key=lambda n: (n.startswith("model") or n.startswith("pytorch_model"), n))
+        from utils.checkpoints import match_weight_file_modes
+
+        match_weight_file_modes(tmp)  # before the weights appear under their final name
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
         os.rmdir(tmp)
