@@ -194,3 +194,27 @@ def test_a_bug_in_a_check_keeps_its_traceback(corpus, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="a bug's ValueError") as info:
         parse(["--model_type", "bert", "--train_file", str(corpus), "--output_dir", str(tmp_path)])
     assert not isinstance(info.value, UsageError)
+
+
+def test_a_mistyped_flag_gets_the_closest_flag_as_args_file_keys_do(corpus, tmp_path):
+    # Before: "Some specified arguments are not used by the HfArgumentParser" (issue #31).
+    base = ["--model_type", "bert", "--train_file", str(corpus), "--do_train", "--output_dir", str(tmp_path)]
+    with pytest.raises(UsageError,
+                       match=r"^unknown argument --evaluation_strategy \(did you mean --eval_strategy\?\)$"):
+        parse([*base, "--evaluation_strategy", "steps"])
+    with pytest.raises(UsageError, match=r"^unknown argument --learnin_rate \(did you mean --learning_rate\?\); "
+                                         r"also --zzz$"):
+        parse([*base, "--learnin_rate=1e-3", "--zzz", "1"])
+
+
+def test_an_invalid_flag_value_is_one_line_without_the_usage_of_every_flag(corpus, tmp_path):
+    # Before: argparse printed its usage, 160 lines of every flag, then the message (issue #31).
+    result = subprocess.run(
+        [sys.executable, "run_mlm.py", "--model_type", "bert", "--train_file", str(corpus), "--do_train",
+         "--max_steps", "abc", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: argument --max_steps/--max-steps: invalid int value: 'abc' (--help lists the flags)"]
+    assert not (tmp_path / "out").exists()

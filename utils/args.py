@@ -87,12 +87,30 @@ def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple
         _check_value_shapes(parser, values, path)
         # A single value for a flag that takes several is taken as a list of one (__post_init__).
         parser.set_defaults(**values)
+    parser.error = _usage_error  # one line, not argparse's usage of every flag first
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        *parsed, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                           return_remaining_strings=True)
     except ValueError as e:
         if isinstance(e, UsageError) or not _raised_by_argument_checks(e):
             raise
         raise UsageError(one_line(e, limit=1000)) from e
+    if rest:
+        raise UsageError(_unknown_arguments(parser, rest))
+    return tuple(parsed)
+
+
+def _usage_error(message: str):
+    raise UsageError(f"{message} (--help lists the flags)")
+
+
+def _unknown_arguments(parser: HfArgumentParser, rest: list[str]) -> str:
+    """What the command line holds that no flag takes, with the closest flag for a typo, as args files get."""
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    unknown = [arg.split("=", 1)[0] for arg in rest if arg.startswith("-")] or rest[:1]
+    close = difflib.get_close_matches(unknown[0], flags, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else " (--help lists the flags)"
+    return f"unknown argument {unknown[0]}{hint}" + (f"; also {' '.join(unknown[1:])}" if len(unknown) > 1 else "")
 
 
 def given_keys(argv: list[str] | None = None) -> set[str]:
