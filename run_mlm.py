@@ -410,8 +410,9 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         for change in xla.adapt_for_xla(training_args, data_args):
             logger.info("XLA: set %s", change)
         logger.warning("XLA: %s", xla.nonfinite_check_note(model_args.nonfinite_loss))
-    logger.info("Model arguments %s", model_args)
-    logger.info("Data arguments %s", data_args)
+    # What the user set, one per line (the rest are the defaults `--help` lists).
+    logger.info("Arguments (the others at their defaults):\n%s",
+                "\n".join(f"  {name}: {value}" for name, value in run_args.items()))
 
     # 3. Resume: an explicit --resume_from_checkpoint, or the last checkpoint in output_dir.
     checkpoint = find_resume_checkpoint(training_args)

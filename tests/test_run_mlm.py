@@ -209,9 +209,16 @@ def test_a_directory_as_train_file_says_so_and_how_to_name_its_files(corpus, tmp
     assert resolve_data_files([suggested], "train_file") == ("text", [str(corpus)])
 
 
-def test_the_process_summary_is_information_not_a_warning(corpus, tmp_path, caplog):
-    # "WARNING run_mlm: Process rank 0 of 1 ..." on every run read as a problem (issue #31).
+def test_the_log_opens_with_a_readable_summary(corpus, tmp_path, caplog):
+    # Issue #31: "WARNING run_mlm: Process rank 0 of 1 ..." on every run read as a problem, and
+    # the arguments were two dataclass dumps of a few thousand characters on one line each.
     with caplog.at_level(logging.INFO):
         main(tiny_run_args(tmp_path / "out", corpus, "--max_steps", "2", "--do_eval", "false"))
     summary = [r for r in caplog.records if r.getMessage().startswith("Process rank 0 of 1, device cpu")]
     assert len(summary) == 1 and summary[0].levelname == "INFO"
+    arguments = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Arguments (the others")]
+    assert len(arguments) == 1
+    lines = arguments[0].splitlines()[1:]
+    assert "  max_steps: 2" in lines and "  model_type: bert" in lines and f"  train_file: ['{corpus}']" in lines
+    assert all(len(line) < 200 for line in lines) and "  do_train: True" in lines
+    assert "ModelArguments(" not in caplog.text and "DataTrainingArguments(" not in caplog.text
