@@ -322,6 +322,17 @@ class MLMTrainer(XLAAutocast, Trainer):
             match_weight_file_modes(os.path.join(self._get_output_dir(trial=trial),
                                                  f"checkpoint-{self.state.global_step}"))
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint stores a tied weight (the MLM decoder's, BERT's decoder bias) under one
+        # of its names; the others are "missing" although loading filled them. Warn only
+        # about keys that are really missing.
+        shared: dict[int, list[str]] = {}
+        for name, parameter in self.model.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(parameter), []).append(name)
+        tied = {name for names in shared.values() if len(names) > 1 for name in names}
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
+
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         for callback in self.callback_handler.callbacks:
