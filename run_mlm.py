@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     # 4. Seed everything before any random initialisation.
     set_seed(training_args.seed)
 
+    modeling.check_block_length_early(model_args, data_args.max_seq_length)
+
     # 5. Raw text: hub dataset, local files, or a corpus built from this machine's files (none
     #    when training on data prepared ahead by utils/prepare_dataset.py).
     raw_datasets = None

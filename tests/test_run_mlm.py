@@ -224,3 +224,20 @@ def test_the_log_opens_with_a_readable_summary(corpus, tmp_path, caplog):
     assert "  max_steps: 2" in lines and "  model_type: bert" in lines and f"  train_file: ['{corpus}']" in lines
     assert all(len(line) < 200 for line in lines) and "  do_train: True" in lines
     assert "ModelArguments(" not in caplog.text and "DataTrainingArguments(" not in caplog.text
+
+
+def test_a_block_longer_than_the_models_positions_is_refused_before_any_tokenizer_is_trained(corpus, tmp_path,
+                                                                                             monkeypatch):
+    # Issue #31: from scratch with max_position_embeddings set in --config_overrides, the
+    # refusal came only after the corpus was read and a tokenizer trained and cached.
+    from utils import data, tokenizer
+
+    def never(*args, **kwargs):
+        raise AssertionError("work was done before the length check")
+
+    monkeypatch.setattr(tokenizer, "load_or_train_tokenizer", never)
+    monkeypatch.setattr(data, "load_text", never)
+    with pytest.raises(UsageError, match=r"--max_seq_length 100000 exceeds the 64 positions this bert model has; "
+                                         r"use --max_seq_length 64 or less or raise max_position_embeddings"):
+        main(tiny_run_args(tmp_path / "out", corpus, "--max_seq_length", "100000"))
+    assert not (tmp_path / "out").exists()

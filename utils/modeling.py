@@ -83,6 +83,23 @@ def config_and_block_length(model_args, tokenizer, requested: int | None):
                                           model_args.config_overrides)
 
 
+def check_block_length_early(model_args, requested: int | None) -> None:
+    """Refuse a --max_seq_length beyond the model's position table before any data or tokenizer work.
+
+    The exact check (`resolve_max_seq_length`) needs the tokenizer, which from scratch is
+    trained first; a length past `max_position_embeddings` is refused either way, so say so
+    before that work. From scratch the table grows to fit, unless --config_overrides sets it.
+    """
+    if requested is None:
+        return
+    config = load_config(model_args)
+    set_by_user = model_args.config_overrides is not None and "max_position_embeddings" in model_args.config_overrides
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and requested > positions and (set_by_user or not model_args.from_scratch):
+        unbounded = type("AnyLength", (), {"model_max_length": 1 << 62})()
+        resolve_max_seq_length(requested, unbounded, config, model_args.from_scratch, model_args.config_overrides)
+
+
 def resolve_max_seq_length(requested: int | None, tokenizer, config, from_scratch: bool, overrides: str | None) -> int:
     """The block length: `requested` when the tokenizer and the model can take it, else a clear error.
 
