@@ -13,11 +13,16 @@ from utils.tokenizer import train_wordpiece_tokenizer
 WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda".split()
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def train_word_tokenizer(model_max_length: int = 64):
+    """A WordPiece tokenizer of about 150 tokens trained on random sentences of WORDS."""
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=12)) for _ in range(200)]
-    return train_wordpiece_tokenizer(texts, vocab_size=150, model_max_length=64)
+    return train_wordpiece_tokenizer(texts, vocab_size=150, model_max_length=model_max_length)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_word_tokenizer()
 
 
 def data_args(**overrides):

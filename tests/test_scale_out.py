@@ -3,21 +3,17 @@ or at the boundary where none exists: each test names which."""
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from utils.masking import build_collator
-from utils.tokenizer import train_wordpiece_tokenizer
 
-WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda".split()
+from .test_masking import WORDS, train_word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def word_tokenizer():
-    rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(WORDS, size=12)) for _ in range(200)]
-    return train_wordpiece_tokenizer(texts, vocab_size=150, model_max_length=512)
+    return train_word_tokenizer(model_max_length=512)
 
 
 def layout_collator(tokenizer, rank=0, world=1, accumulation=1):

@@ -333,10 +333,9 @@ def shard_for_fsdp2(trainer) -> str | None:
     model = trainer.model
     if isinstance(model, FSDPModule):
         return None
-    names: dict[int, int] = {}
-    for _, parameter in model.named_parameters(remove_duplicate=False):
-        names[id(parameter)] = names.get(id(parameter), 0) + 1
-    shared = {key for key, count in names.items() if count > 1}
+    from utils.modeling import tied_parameter_names
+
+    shared = {id(model.get_parameter(name)) for name in tied_parameter_names(model)}
     classes = set(plugin.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if m is not model and type(m).__name__ in classes
               and not any(id(p) in shared for p in m.parameters())]

@@ -203,6 +203,15 @@ def build_model(model_args, config, tokenizer, attn_implementation: str | None =
     return model
 
 
+def tied_parameter_names(model) -> set[str]:
+    """Names of the parameters that are one tensor under several names (the tied vocabulary matrix,
+    BERT's decoder bias and its alias `cls.predictions.bias`)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return {name for group in names.values() if len(group) > 1 for name in group}
+
+
 def count_parameters(model) -> int:
     """The model's parameter count, also where DeepSpeed ZeRO-3 left each rank an empty shard of them.
 

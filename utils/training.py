@@ -310,26 +310,24 @@ class MLMTrainer(XLAAutocast, Trainer):
     def _save_checkpoint(self, model, trial):
         # Written before the Trainer's files, so a checkpoint that counts as complete (its
         # trainer_state.json is written last) has it: a resume then starts the stream there.
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.stream_position is not None:
             from utils.streaming import save_position
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             save_position(folder, self.args.process_index, self.args.world_size, self.stream_position)
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             from utils.checkpoints import match_weight_file_modes
 
-            match_weight_file_modes(os.path.join(self._get_output_dir(trial=trial),
-                                                 f"checkpoint-{self.state.global_step}"))
+            match_weight_file_modes(folder)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A checkpoint stores a tied weight (the MLM decoder's, BERT's decoder bias) under one
         # of its names; the others are "missing" although loading filled them. Warn only
         # about keys that are really missing.
-        shared: dict[int, list[str]] = {}
-        for name, parameter in self.model.named_parameters(remove_duplicate=False):
-            shared.setdefault(id(parameter), []).append(name)
-        tied = {name for names in shared.values() if len(names) > 1 for name in names}
+        from utils.modeling import tied_parameter_names
+
+        tied = tied_parameter_names(self.model)
         load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
         super()._issue_warnings_after_load(load_result)
 
