@@ -476,9 +476,9 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         # Each process reads its own shard of the stream (the default would have rank 0 read for all).
         training_args.accelerator_config.dispatch_batches = False
         if who.world > 1 and raw_datasets is not None and "train" in raw_datasets:
-            _, share = streaming.part_texts(raw_datasets["train"], "", who.rank, who.world)
             distributed.process_logger.info("Process %d of %d streams its own share of the training text: %s",
-                                            who.rank, who.world, share)
+                                            who.rank, who.world,
+                                            streaming.describe_share(raw_datasets["train"], who.rank, who.world))
     else:
         if blocks is None:
             with distributed.main_process_first(training_args, "tokenizing"):

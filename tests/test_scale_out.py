@@ -405,16 +405,16 @@ def shard_texts(shard: int, n: int = 40) -> list[str]:
 def test_each_process_streams_only_its_own_shards(word_tokenizer):
     # Issue #28, item 7. Before: every process read (downloaded, parsed) the whole stream and
     # kept every N-th text. Now, with a multiple of N shards, each reads its own shards only.
-    from utils.streaming import _part_generator, part_texts
+    from utils.streaming import _part_generator, describe_share, part_texts
 
     opened = []
     raw = sharded_stream([shard_texts(s) for s in range(4)], opened)
-    texts, line = part_texts(raw, "text", part=1, n_parts=2)
+    texts, line = part_texts(raw, "text", part=1, n_parts=2), describe_share(raw, part=1, n_parts=2)
     assert list(texts) == shard_texts(2) + shard_texts(3)
     assert opened == [2, 3] and line == "shards 2-3 of 4 (reads only those)"
     # Part 0 starts where the evaluation blocks held out of the stream's start ended.
     opened.clear()
-    texts, _ = part_texts(raw, "text", part=0, n_parts=2, skip_texts=5)
+    texts = part_texts(raw, "text", part=0, n_parts=2, skip_texts=5)
     assert next(texts) == shard_texts(0)[5] and opened == [0]
     # Blocks of a share: the ids of its own texts.
     blocks = [row["input_ids"] for row in _part_generator([1], raw=raw, text_column="text", tokenizer=word_tokenizer,
@@ -423,7 +423,8 @@ def test_each_process_streams_only_its_own_shards(word_tokenizer):
     ids = word_tokenizer(shard_texts(2)[0])["input_ids"]
     assert blocks[0][:len(ids[:16])] == ids[:16]
     # Not a multiple of the processes: every N-th text of the whole stream, as before.
-    texts, line = part_texts(sharded_stream([shard_texts(s) for s in range(3)], []), "text", part=1, n_parts=2)
+    three = sharded_stream([shard_texts(s) for s in range(3)], [])
+    texts, line = part_texts(three, "text", part=1, n_parts=2), describe_share(three, part=1, n_parts=2)
     assert next(texts) == shard_texts(0)[1] and line.startswith("texts 1, 3, 5, ...")
 
 

@@ -117,22 +117,31 @@ def take_blocks(texts: Iterable[str], tokenizer, block_size: int, n_blocks: int)
     return (np.stack(blocks) if blocks else np.empty((0, block_size), dtype=dtype)), stats.get("texts", 0)
 
 
-def part_texts(raw, text_column: str, part: int, n_parts: int, skip_texts: int = 0) -> tuple[Iterator[str], str]:
-    """The texts of one process's share of the training stream, and a line that says which they are.
+def _by_shards(raw, n_parts: int) -> bool:
+    """Whether each of `n_parts` processes reads whole shards of its own (see `part_texts`)."""
+    return n_parts > 1 and getattr(raw, "n_shards", 1) % n_parts == 0 and hasattr(raw, "shard")
+
+
+def part_texts(raw, text_column: str, part: int, n_parts: int, skip_texts: int = 0) -> Iterator[str]:
+    """The texts of one process's share of the training stream.
 
     Where the stream has a multiple of `n_parts` shards (files, hub parquet shards), each
     process reads whole shards of its own, contiguous ones (part 0 begins with the stream's
     start, where `skip_texts` texts were held out): it downloads and parses only those.
     Otherwise every process reads the whole stream and tokenizes every `n_parts`-th text.
     """
-    n_shards = getattr(raw, "n_shards", 1)
-    if n_parts > 1 and n_shards % n_parts == 0 and hasattr(raw, "shard"):
+    if _by_shards(raw, n_parts):
         own = raw.shard(num_shards=n_parts, index=part, contiguous=True)
-        per = n_shards // n_parts
-        return (itertools.islice(iter_texts(own, text_column), skip_texts if part == 0 else 0, None),
-                f"shards {part * per}-{part * per + per - 1} of {n_shards} (reads only those)")
-    return (itertools.islice(iter_texts(raw, text_column), skip_texts + part, None, n_parts),
-            f"texts {part}, {part + n_parts}, {part + 2 * n_parts}, ... of the whole stream")
+        return itertools.islice(iter_texts(own, text_column), skip_texts if part == 0 else 0, None)
+    return itertools.islice(iter_texts(raw, text_column), skip_texts + part, None, n_parts)
+
+
+def describe_share(raw, part: int, n_parts: int) -> str:
+    """Which texts `part_texts` gives a process, for the log."""
+    if _by_shards(raw, n_parts):
+        per = raw.n_shards // n_parts
+        return f"shards {part * per}-{part * per + per - 1} of {raw.n_shards} (reads only those)"
+    return f"texts {part}, {part + n_parts}, {part + 2 * n_parts}, ... of the whole stream"
 
 
 def _part_generator(parts: list[int], *, raw, text_column: str, tokenizer, block_size: int, n_parts: int,
@@ -153,8 +162,7 @@ def _part_generator(parts: list[int], *, raw, text_column: str, tokenizer, block
     for part in parts:
         done, blocks, first_text, drop = (start or {}).get(part, (0, 0, 0, 0))
         while passes is None or done < passes:
-            texts, _ = part_texts(raw, text_column, part, n_parts, skip_texts)
-            texts = itertools.islice(texts, first_text, None)
+            texts = itertools.islice(part_texts(raw, text_column, part, n_parts, skip_texts), first_text, None)
             left = None if max_blocks is None else max(max_blocks - blocks, 0)
             count = blocks
             for block, (text, token) in itertools.islice(
