@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import data, distributed, downstream, metrics, modeling, prepared, streaming, xla
+from utils import budget, data, distributed, downstream, metrics, modeling, prepared, streaming, xla
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, locked_output_dir
@@ -147,6 +147,15 @@ class ModelArguments:
                           "the last good checkpoint is kept) or skip the batch and go on. Not checked on XLA (TPU).",
                   "choices": ["stop", "skip"]},
     )
+    max_train_time: str | None = field(
+        default=None,
+        metadata={"help": "Train for this much time: 90m, 2h, 1h30m, 45s or 3600 (seconds). The learning-rate schedule "
+                          "(--lr_scheduler_type, --warmup_steps: below 1 a fraction of the budget) runs over the "
+                          "elapsed time and reaches 0 at the deadline, where training stops, saves and evaluates. "
+                          "Counts the training loop with its evaluations and checkpoint saves, not the data "
+                          "preparation before it nor the final save and evaluation. With --max_steps or "
+                          "--num_train_epochs too, whichever ends first. A resume goes on with the time left."},
+    )
     dtype: str | None = field(
         default=None,
         metadata={"help": "Load the weights in this dtype (mixed precision is --bf16/--fp16 instead).",
@@ -169,6 +178,8 @@ class ModelArguments:
             )
         if self.tokenizer_vocab_size < 100:
             raise UsageError(f"--tokenizer_vocab_size {self.tokenizer_vocab_size} is too small; use at least 100")
+        if self.max_train_time is not None:
+            budget.parse_duration(self.max_train_time)
         if self.model_type is not None and not self.tokenizer_name:
             choose(self.model_type, self.tokenizer_type, self.tokenizer_lowercase)  # a cased family told to lowercase
 
@@ -226,7 +237,12 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Processes for tokenization (default: one)."}
     )
     mlm_probability: float = field(
-        default=0.15, metadata={"help": "Fraction of tokens selected for prediction, in (0, 1)."}
+        default=0.15, metadata={"help": "Fraction of tokens selected for prediction in training, in (0, 1)."}
+    )
+    eval_mlm_probability: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of tokens selected for prediction in evaluation. Default 0.15 (BERT's) whatever "
+                          "--mlm_probability is, so that eval losses compare across runs."},
     )
     max_predictions_per_seq: int | None = field(
         default=None,
@@ -320,6 +336,9 @@ class DataTrainingArguments:
         if not 0 < self.mlm_probability < 1:
             raise UsageError(f"--mlm_probability {self.mlm_probability} must be between 0 and 1 (exclusive); "
                              "0.15 is BERT's, 0.3 suits large models")
+        if self.eval_mlm_probability is not None and not 0 < self.eval_mlm_probability < 1:
+            raise UsageError(f"--eval_mlm_probability {self.eval_mlm_probability} must be between 0 and 1 "
+                             "(exclusive); leave it unset for 0.15")
         if self.max_predictions_per_seq is not None and self.max_predictions_per_seq < 1:
             raise UsageError(f"--max_predictions_per_seq {self.max_predictions_per_seq} must be at least 1 (BERT used "
                              "20 at 128 tokens)")
@@ -368,8 +387,9 @@ def check_run_arguments(model_args, data_args, training_args) -> None:
     if training_args.do_train and not (data_args.train_file or data_args.dataset_name or data_args.builtin_corpus
                                        or data_args.tokenized_dataset_path):
         raise UsageError("--do_train needs training text: pass --train_file, --dataset_name or --builtin_corpus")
-    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
-        raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs in")
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0 \
+            and not model_args.max_train_time:
+        raise UsageError("--streaming needs --max_steps or --max_train_time: a stream has no length to count epochs in")
     check_nonfinite_option(model_args.nonfinite_loss, deepspeed=training_args.deepspeed_plugin is not None)
 
 
@@ -416,6 +436,19 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
 
     # 3. Resume: an explicit --resume_from_checkpoint, or the last checkpoint in output_dir.
     checkpoint = find_resume_checkpoint(training_args)
+
+    # A time budget: the learning-rate schedule runs over the elapsed time and training stops
+    # at the deadline (a resume goes on with the time its checkpoint recorded).
+    time_budget = None
+    if model_args.max_train_time:
+        time_budget = budget.TimeBudget(budget.parse_duration(model_args.max_train_time),
+                                        budget.TimeBudget.load(checkpoint))
+        other_limit = (f"step {training_args.max_steps}" if training_args.max_steps > 0
+                       else f"{training_args.num_train_epochs:g} epochs" if "num_train_epochs" in given_keys(argv)
+                       else None)
+        if other_limit is None:
+            training_args.max_steps = budget.UNBOUNDED_STEPS
+        logger.info("Time budget: %s", budget.describe(time_budget, training_args, other_limit))
 
     # 4. Seed everything before any random initialisation.
     set_seed(training_args.seed)
@@ -531,9 +564,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         tokens_per_step = (training_args.per_device_train_batch_size * who.world
                            * training_args.gradient_accumulation_steps * max_seq_length)
         guard = compilations if compilations else NonFiniteGuard(model_args.nonfinite_loss)
-        callbacks = [stop_on_signal, guard]
+        callbacks = [stop_on_signal, guard, *([time_budget] if time_budget else [])]
         trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
                                 callbacks=callbacks, tokens_per_step=tokens_per_step)
+        trainer.time_budget = time_budget
         if on_xla and xla.start_replicas_equal(trainer.model, who.world):
             logger.info("XLA: every replica starts from replica 0's weights")
         if data_args.streaming and training_args.ignore_data_skip and checkpoint:
@@ -557,6 +591,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
             train_samples = (trainer.state.global_step * tokens_per_step // max_seq_length if data_args.streaming
                              else len(train_dataset))
             train_metrics = dict(train_result.metrics, train_samples=train_samples)
+            if time_budget:  # from every process: they stopped after the same step
+                distributed.process_logger.info("Process %d of %d, time budget: %s", who.rank, who.world,
+                                                time_budget.summary())
+                train_metrics.update(time_budget.metrics())
             trainer.log_metrics("train", train_metrics)
             trainer.save_metrics("train", train_metrics)
             trainer.save_state()

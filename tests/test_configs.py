@@ -44,3 +44,20 @@ def test_config_runs_as_shipped(config, tmp_path, capsys):
     if "downstream" in config:
         assert "## Downstream" in (out / "README.md").read_text()
         assert json.loads((out / "downstream" / "downstream_results.json").read_text())["task"]["labels"]
+
+
+def test_readme_time_budget_recipe_runs_as_typed(tmp_path):
+    # README, "Train for a time budget": the quickstart with --max_steps -1 --max_train_time
+    # --warmup_steps 0.06 (a fraction of the budget), shortened to 20 seconds.
+    out = tmp_path / "out"
+    metrics = main([str(REPO / "configs" / "quickstart.yaml"), "--max_steps", "-1", "--max_train_time", "20s",
+                    "--warmup_steps", "0.06", "--output_dir", str(out), "--eval_strategy", "no",
+                    "--max_eval_samples", "32", "--logging_steps", "2", "--save_strategy", "no", "--report_to", "none",
+                    "--disable_tqdm", "true"])
+    assert metrics["train_time_budget_reached"] is True and 18 <= metrics["train_time_budget_used"] <= 22
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    peak = max(rates)
+    assert peak == pytest.approx(1e-3, rel=0.3) and rates[-1] < 0.2 * peak  # warmed up, then decayed to ~0
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.5

@@ -237,7 +237,7 @@ def test_torch_distributed_is_called_only_behind_the_backend_check():
     import ast
 
     allowed = {("distributed", "_group"), ("distributed", "vote_group"), ("distributed", "_wait_for_all"),
-               ("distributed", "compute_once"), ("training", "_agree")}
+               ("distributed", "compute_once"), ("training", "_agree"), ("budget", "exchange")}
     found = set()
     for path in [*REPO.glob("utils/*.py"), REPO / "run_mlm.py"]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -457,3 +457,27 @@ def test_bf16_on_xla_autocasts_and_keeps_fp32_weights(xla_run, tmp_path, corpus)
     bf16 = json.loads((out / "all_results.json").read_text())
     assert bf16["eval_loss"] == pytest.approx(fp32["eval_loss"], abs=0.1)
     assert bf16["train_loss"] != fp32["train_loss"]
+
+
+@needs_xla
+def test_a_time_budget_on_xla_agrees_through_rendezvous_and_changes_the_rate_without_compiling(tmp_path, corpus):
+    """--max_train_time on XLA: the clock is agreed every 10 steps through XLA's rendezvous (no torch.distributed
+    on a TPU), the learning rate falls over the budget at every step, and no step after warm-up compiles."""
+    out = tmp_path / "out"
+    args = tiny_run_args(out, corpus, "--max_steps", "-1", "--max_train_time", "40s", "--warmup_steps", "0",
+                         "--logging_steps", "5", "--max_eval_samples", "64")
+    result = launch_tpu(args, tmp_path / "hf", script=REPO / "tests" / "xla_world_of_two.py")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "time budget: used" in output and "stopped at the deadline" in output
+    tags = json.loads(output.split("RENDEZVOUS ", 1)[1].splitlines()[0])
+    assert {f"run_mlm: time budget at step {step}" for step in (1, 2, 19, 20, 30, 40)} <= set(tags), tags
+    assert "run_mlm: time budget at step 21" not in tags
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    # Agreed at every step while the first steps compile, then every 10: the rate never rises and
+    # falls to near 0 at the deadline.
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    assert len(rates) >= 10 and all(a >= b for a, b in zip(rates, rates[1:])), rates
+    assert rates[-1] < 0.05 * rates[0], rates
+    counts = json.loads((out / "xla_compilations.json").read_text())
+    assert counts["training_compilations_after_warmup"] == 0, counts

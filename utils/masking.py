@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 WORD_STARTS = "word_starts"
 STREAM_POSITION = "stream_position"  # as utils.streaming names it (this module imports no data code)
 _MASK64 = (1 << 64) - 1
+EVAL_MLM_PROBABILITY = 0.15  # the evaluation set's default selection rate (BERT's)
 _EVAL = 1 << 40  # the "step" of the evaluation set's masks: never a training step
 
 
@@ -70,6 +71,7 @@ class MLMCollator(DataCollatorForLanguageModeling):
     accumulation_steps: int = 1
     whole_words: bool = False
     max_predictions: int | None = None
+    eval_probability: float | None = None  # the evaluation set's selection rate (None: mlm_probability)
     # (tokens dropped by the cap, tokens selected before it) per kind of masking, as tensors
     # on the device that did the masking: summed without a sync, read once for the log.
     capped: dict = field(default_factory=dict)
@@ -171,7 +173,8 @@ class MLMCollator(DataCollatorForLanguageModeling):
             select, replace = select.gather(1, word_start), replace.gather(1, word_start)
 
         special = (inputs.unsqueeze(-1) == self.special_ids.to(device)).any(-1)
-        selected = (select < self.mlm_probability) & ~special
+        rate = self.mlm_probability if kind == "train" or self.eval_probability is None else self.eval_probability
+        selected = (select < rate) & ~special
         if self.max_predictions is not None and self.max_predictions < length:
             drawn = selected
             selected = cap_selection(selected, select, self.max_predictions)
@@ -286,6 +289,7 @@ def build_collator(tokenizer, data_args, training_args=None, max_predictions: in
     return MLMCollator(
         tokenizer=tokenizer,
         mlm_probability=data_args.mlm_probability,
+        eval_probability=eval_probability(data_args),
         mask_replace_prob=data_args.mask_replace_prob,
         random_replace_prob=data_args.random_replace_prob,
         # transformers' own whole-word path (offsets, mask token only) is not used: ours is.
@@ -297,11 +301,18 @@ def build_collator(tokenizer, data_args, training_args=None, max_predictions: in
     )
 
 
+def eval_probability(data_args) -> float:
+    """The evaluation set's selection rate: --eval_mlm_probability, else BERT's 15% whatever the training rate,
+    so that eval losses of runs trained at different rates compare."""
+    return getattr(data_args, "eval_mlm_probability", None) or EVAL_MLM_PROBABILITY
+
+
 def prediction_slots(data_args, block_length: int, fixed_slot_head: bool) -> int | None:
     """The cap of predicted tokens per block: --max_predictions_per_seq, else a default where the
     head predicts a fixed number of slots per block (`fixed_slot_head`: sparse prediction on XLA)."""
     if data_args.max_predictions_per_seq is not None:
         return min(data_args.max_predictions_per_seq, block_length)
     if fixed_slot_head:
-        return default_max_predictions(block_length, data_args.mlm_probability)
+        # Enough slots for the training and the evaluation rates both.
+        return default_max_predictions(block_length, max(data_args.mlm_probability, eval_probability(data_args)))
     return None

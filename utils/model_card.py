@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from utils.masking import eval_probability
+
 # Never written to disk: credentials.
 SECRET_FIELDS = {"token", "hub_token"}
 RUN_ARGS_FILE = "run_args.yaml"
@@ -151,6 +153,10 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
         front["datasets"] = [data_args.dataset_name]
     world = training_args.world_size
     global_batch = training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps
+    warmup = training_args.warmup_steps
+    warmup = (f"warm-up {warmup:.0%} of the {'time budget' if 'train_time_budget' in metrics else 'steps'}"
+              if 0 < warmup < 1 else f"{int(warmup)} warmup steps")
+    schedule_span = " over the time budget" if "train_time_budget" in metrics else ""
     # mixed_precision also reflects an accelerate config's setting, which --bf16 does not.
     mixed = getattr(training_args, "mixed_precision", None) or ("bf16" if training_args.bf16 else "no")
     precision = "fp32" if mixed == "no" else f"{mixed} mixed"
@@ -172,9 +178,10 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
         f"({training_args.per_device_train_batch_size} per device x {world} processes x "
         f"{training_args.gradient_accumulation_steps} accumulation).",
         f"- Optimizer: {_plain(training_args.optim)}, learning rate {training_args.learning_rate}, "
-        f"{_plain(training_args.lr_scheduler_type)} schedule, {training_args.warmup_steps} warmup steps, "
+        f"{_plain(training_args.lr_scheduler_type)} schedule{schedule_span}, {warmup}, "
         f"weight decay {training_args.weight_decay}.",
-        f"- Masking: {data_args.mlm_probability:.0%} of tokens "
+        f"- Masking: {data_args.mlm_probability:.0%} of tokens in training, {eval_probability(data_args):.0%} in "
+        "evaluation "
         f"({data_args.mask_replace_prob:.0%} [MASK] / {data_args.random_replace_prob:.0%} random / rest kept)"
         f"{', whole words' if data_args.whole_word_mask else ''}.",
         f"- Precision: {precision}. Seed: {training_args.seed}.",
@@ -182,6 +189,10 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
            f"({'rows x max_seq_length' if data_args.line_by_line else 'packed blocks'})."] if tokens_per_step else []),
         *([f"- Training time: {_duration(metrics['train_runtime'])} on {world} process(es) "
            f"({training_args.device.type})."] if "train_runtime" in metrics else []),
+        *([f"- Time budget (--max_train_time): {_duration(metrics['train_time_budget'])}, "
+           f"{_duration(metrics['train_time_budget_used'])} used; "
+           f"{'stopped at the deadline' if metrics.get('train_time_budget_reached') else 'ended before it'}."]
+          if "train_time_budget" in metrics else []),
         "",
         "## Results on the held-out set", "",
         "Evaluation masks are drawn once with the run's seed, so the numbers compare across steps.", "",

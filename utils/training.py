@@ -284,6 +284,14 @@ class MLMTrainer(XLAAutocast, Trainer):
     data_checksum = None  # a tensor on the device: a weighted sum of every token id this process trained on
     stream_position = None  # streaming: where this process's share goes on after the rows trained on so far
     stream_resumed_from = None  # streaming: the checkpoint the stream resumed from, until its first step
+    time_budget = None  # utils.budget.TimeBudget with --max_train_time: the schedule runs over elapsed time
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.time_budget is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = self.time_budget.scheduler(optimizer or self.optimizer, self.args)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         collator = self.data_collator
@@ -315,6 +323,8 @@ class MLMTrainer(XLAAutocast, Trainer):
             from utils.streaming import save_position
 
             save_position(folder, self.args.process_index, self.args.world_size, self.stream_position)
+        if self.time_budget is not None and self.args.should_save:
+            self.time_budget.save(folder)  # the training time used so far: a resume goes on from it
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             from utils.checkpoints import match_weight_file_modes
