@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import budget, data, distributed, downstream, metrics, modeling, prepared, streaming, xla
+from utils import budget, data, distributed, downstream, metrics, modeling, prepared, recipe, streaming, xla
 from utils import tokenizer as tokenizers
 from utils.args import given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, locked_output_dir
@@ -147,6 +147,12 @@ class ModelArguments:
                           "the last good checkpoint is kept) or skip the batch and go on. Not checked on XLA (TPU).",
                   "choices": ["stop", "skip"]},
     )
+    scratch_recipe: bool = field(
+        default=True,
+        metadata={"help": "From scratch, the settings you do not give take this project's recipe, measured at equal "
+                          "wall-clock (README, 'The from-scratch recipe'): " + recipe.describe() + ". false: "
+                          "transformers' defaults (learning rate 5e-5, no warm-up, dropout 0.1)."},
+    )
     max_train_time: str | None = field(
         default=None,
         metadata={"help": "Train for this much time: 90m, 2h, 1h30m, 45s or 3600 (seconds). The learning-rate schedule "
@@ -237,7 +243,8 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Processes for tokenization (default: one)."}
     )
     mlm_probability: float = field(
-        default=0.15, metadata={"help": "Fraction of tokens selected for prediction in training, in (0, 1)."}
+        default=0.15, metadata={"help": "Fraction of tokens selected for prediction in training, in (0, 1). From "
+                                     "scratch, unset: 0.3 (--scratch_recipe)."}
     )
     eval_mlm_probability: float | None = field(
         default=None,
@@ -410,7 +417,11 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     check_run_arguments(model_args, data_args, training_args)
     distributed.check_process_group(training_args)
     move_hub_token_to_env(training_args)
-    # What the user chose, before the adjustments below: saved as an args file that reruns the run.
+    # From scratch, what the user did not set takes the measured recipe (utils/recipe.py).
+    scratch_recipe = (recipe.apply_scratch_recipe(data_args, training_args, given_keys(argv))
+                      if model_args.from_scratch and model_args.scratch_recipe else [])
+    # What the user chose (and the recipe filled in), before the adjustments below: saved as an
+    # args file that reruns the run.
     run_args = non_default_args(model_args, data_args, training_args)
     if "report_to" not in given_keys(argv) and importlib.util.find_spec("tensorboard") is not None:
         training_args.report_to = ["tensorboard"]  # on by default when installed (--report_to none to turn off)
@@ -477,6 +488,12 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     config, max_seq_length = modeling.config_and_block_length(
         model_args, tokenizer, manifest["block_size"] if manifest else data_args.max_seq_length
     )
+    if model_args.from_scratch and model_args.scratch_recipe:
+        scratch_recipe += [f"dropout 0 ({', '.join(names)})"
+                           for names in [recipe.turn_dropout_off(config, model_args.config_overrides)] if names]
+    if scratch_recipe:
+        logger.info("From scratch, settings not given take this project's recipe (--scratch_recipe false for "
+                    "transformers' defaults): %s", "; ".join(scratch_recipe))
     check_checkpoint_fits(checkpoint, config, training_args.output_dir)
     if data_args.whole_word_mask and not tokenizer.is_fast:
         raise UsageError("--whole_word_mask needs a fast tokenizer (its word ids); drop --use_fast_tokenizer false")

@@ -287,6 +287,14 @@ class MLMTrainer(XLAAutocast, Trainer):
     time_budget = None  # utils.budget.TimeBudget with --max_train_time: the schedule runs over elapsed time
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None and self.time_budget is None:
+            # warmup_stable_decay's decay may be a fraction of the steps, as warm-up may (the
+            # from-scratch recipe gives it so: utils/recipe.py).
+            kwargs = self.args.lr_scheduler_kwargs or {}
+            decay = kwargs.get("num_decay_steps") if isinstance(kwargs, dict) else None
+            if str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) == \
+                    "warmup_stable_decay" and decay is not None and 0 < decay < 1:
+                self.args.lr_scheduler_kwargs = {**kwargs, "num_decay_steps": max(1, round(decay * num_training_steps))}
         if self.time_budget is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
         self.lr_scheduler = self.time_budget.scheduler(optimizer or self.optimizer, self.args)
