@@ -105,8 +105,14 @@ def reference(work: Path, steps: int, seed: int) -> dict:
     """The stock Trainer and collator, dense head, fp32, lr 5e-4, 6% warm-up, linear decay."""
     import torch
     from datasets import Dataset
-    from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     train = blocks(tokenizer, work / "train.txt")
@@ -186,8 +192,9 @@ def score(work: Path, model_dir: str, seed: int = 1234) -> dict:
 
 
 def fill_mask(model_dir: str) -> str:
-    from utils.fill_mask import predict_masks
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from utils.fill_mask import predict_masks
 
     sentence = "Return a new [MASK] with the same elements."
     model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
@@ -224,8 +231,9 @@ def print_tables(work: Path) -> None:
               f"{r['accuracy']:.3f} | {r['loss'] - ref['loss']:+.4f} | {r.get('fill_mask', '')} |")
     if reached:
         best = max(reached)
-        print(f"\nTime-to-quality speedup: {'>= ' if best == max(T / results[k]['budget'] for k in results if k.startswith('budget ')) else ''}"
-              f"{best:.0f}x (the smallest budget at or below the reference's loss is T/{best:.0f})")
+        smallest = max(T / results[k]["budget"] for k in results if k.startswith("budget "))
+        print(f"\nTime-to-quality speedup: {'>= ' if best == smallest else ''}{best:.0f}x (the smallest budget at or "
+              f"below the reference's loss is T/{best:.0f})")
     levers = {k[len("lever "):]: v for k, v in results.items() if k.startswith("lever ")}
     if levers:
         base = levers.get("reference hyperparameters")
