@@ -14,7 +14,11 @@ Arguments come from an args file (YAML or JSON), flags, or both; flags after the
     # any args file, with overrides
     python run_mlm.py configs/quickstart.yaml --max_steps 50 --output_dir outputs/short
 
-Every `transformers.TrainingArguments` flag is accepted too. `python run_mlm.py --help` lists them all.
+A flag replaces its key in the file; a data source given as a flag (--train_file, --dataset_name,
+--builtin_corpus, --tokenized_dataset_path) replaces the file's data source, and `--KEY none`
+unsets a key of the file. README.md explains the recipes and every flag of this project.
+
+Below: this project's flags (model, data, run), then every `transformers.TrainingArguments` flag.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from utils import budget, data, distributed, downstream, metrics, modeling, prepared, recipe, streaming, xla
 from utils import tokenizer as tokenizers
-from utils.args import given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
-from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, locked_output_dir
+from utils.args import configure_help, given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
+from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, finished_run, locked_output_dir
 from utils.corpus import BUILTIN_CORPORA, run_cache_dir
 from utils.cpu import speed_up_for_cpu
 from utils.data import check_extension
@@ -43,6 +47,7 @@ from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
 from utils.precision import PRECISIONS, apply_precision, gemm_shapes
+from utils.segments import RunSegments
 from utils.tokenizer_kinds import KINDS, choose
 from utils.training import (
     GracefulStop,
@@ -315,7 +320,8 @@ class DataTrainingArguments:
     downstream_builtin_task: str | None = field(
         default=None, metadata={"help": "python_packages: a labelled task built from this machine's Python "
                                         "docstrings (which package a paragraph comes from), instead of the files."})
-    downstream_text_column_name: str | None = field(default=None, metadata={"help": "Its text column."})
+    downstream_text_column_name: str | None = field(
+        default=None, metadata={"help": "Its text column (unset: `text`, or the only text column)."})
     downstream_text_pair_column_name: str | None = field(default=None, metadata={"help": "Its second text column."})
     downstream_label_column_name: str = field(default="label", metadata={"help": "Its label column."})
     downstream_seeds: int = field(default=3, metadata={"help": "Fine-tuning runs per model (--seed, --seed + 1, ...)."})
@@ -413,6 +419,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     #    GPUs join one gloo group (set before TrainingArguments picks the device).
     distributed.join_cpu_process_group()
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    configure_help(parser, __doc__)
     model_args, data_args, training_args = parse_args(parser, argv)
     check_run_arguments(model_args, data_args, training_args)
     distributed.check_process_group(training_args)
@@ -423,6 +430,16 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     # What the user chose (and the recipe filled in), before the adjustments below: saved as an
     # args file that reruns the run.
     run_args = non_default_args(model_args, data_args, training_args)
+    # A rerun of a run that reached its end changes nothing (it would resume and take a step
+    # past the end, then report that step alone).
+    finished = finished_run(training_args,
+                            model_args.max_train_time and budget.parse_duration(model_args.max_train_time))
+    if finished:
+        if training_args.local_process_index == 0:
+            print(finished, file=sys.stderr, flush=True)
+        if command_line:
+            distributed.leave_process_group()
+        return {}
     if "report_to" not in given_keys(argv) and importlib.util.find_spec("tensorboard") is not None:
         training_args.report_to = ["tensorboard"]  # on by default when installed (--report_to none to turn off)
 
@@ -477,6 +494,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     tokenizer, tokenizer_source = tokenizers.load_or_train_tokenizer(
         model_args, data_args, raw_datasets, checkpoint, training_args
     )
+    segments = RunSegments(checkpoint, tokenizer_source)  # a resumed run's results cover the whole run
+    tokenizer_source = segments.tokenizer_source
     blocks = manifest = None
     data_stats: dict = {}  # per split: tokens, characters, tokens lost (for the log and the model card)
     if data_args.tokenized_dataset_path:
@@ -584,7 +603,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         callbacks = [stop_on_signal, guard, *([time_budget] if time_budget else [])]
         trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
                                 callbacks=callbacks, tokens_per_step=tokens_per_step)
-        trainer.time_budget = time_budget
+        trainer.time_budget, trainer.segments = time_budget, segments
         if on_xla and xla.start_replicas_equal(trainer.model, who.world):
             logger.info("XLA: every replica starts from replica 0's weights")
         if data_args.streaming and training_args.ignore_data_skip and checkpoint:
@@ -607,7 +626,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
             # A stream has no length: count the blocks trained on instead.
             train_samples = (trainer.state.global_step * tokens_per_step // max_seq_length if data_args.streaming
                              else len(train_dataset))
-            train_metrics = dict(train_result.metrics, train_samples=train_samples)
+            train_metrics = segments.whole_run(dict(train_result.metrics, train_samples=train_samples),
+                                               trainer.state.global_step)
             if time_budget:  # from every process: they stopped after the same step
                 distributed.process_logger.info("Process %d of %d, time budget: %s", who.rank, who.world,
                                                 time_budget.summary())
@@ -631,8 +651,17 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
             trainer.save_metrics("eval", eval_metrics)
             results.update(eval_metrics)
 
-        # 13. The loss plot, the model card and the run's arguments (an args file that reruns it),
-        #     then fill-mask predictions with the trained model.
+        # 13. Fill-mask predictions with the trained model, then the loss plot, the model card
+        #     (which shows them) and the run's arguments (an args file that reruns it).
+        predictions = None
+        if data_args.fill_mask_sentences:
+            # Every process runs the model: a sharded one (FSDP, ZeRO-3) gathers its weights
+            # from all of them. The first prints.
+            predictions = predict_masks(trainer.model, tokenizer, data_args.fill_mask_sentences,
+                                        data_args.fill_mask_top_k)
+            if trainer.is_world_process_zero():
+                print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
+                      flush=True)
         if training_args.do_train and trainer.is_world_process_zero():
             try:
                 plot = plot_run(training_args.output_dir).name
@@ -644,15 +673,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                 training_args.output_dir, trainer.model, model_args, data_args, training_args, trainer.state, results,
                 max_seq_length, tokenizer_source, tokenizer.mask_token, sys.argv[1:] if argv is None else argv,
                 tokens_per_step=tokens_per_step, plot=plot, data_stats=data_stats,
+                fill_mask=(data_args.fill_mask_sentences, predictions) if predictions else None,
             )
-        if data_args.fill_mask_sentences:
-            # Every process runs the model: a sharded one (FSDP, ZeRO-3) gathers its weights
-            # from all of them. The first prints.
-            predictions = predict_masks(trainer.model, tokenizer, data_args.fill_mask_sentences,
-                                        data_args.fill_mask_top_k)
-            if trainer.is_world_process_zero():
-                print("\nFill-mask predictions:\n" + format_predictions(data_args.fill_mask_sentences, predictions),
-                      flush=True)
 
         # 14. Did it help? Fine-tune the starting point and the trained model on a labelled task,
         #     over seeds; the table goes into the model card.
@@ -660,7 +682,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
             summary = downstream.compare_after_training(
                 model_args.model_name_or_path or untrained, training_args.output_dir, data_args, training_args,
                 command_line)
-            results["downstream"] = {name: summary[name]["accuracy_mean"] for name in ("start", "trained")}
+            results["downstream"] = {name: entry["accuracy_mean"] for name, entry in summary.items()
+                                     if name not in ("task", "hyperparameters")}
 
     # 15. Done: leave the process group now rather than in the interpreter's shutdown.
     if command_line:

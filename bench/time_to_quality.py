@@ -94,7 +94,7 @@ def blocks(tokenizer, path: Path):
     import numpy as np
 
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
-    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in tokenizer(lines)["input_ids"]])
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in tokenizer(lines, verbose=False)["input_ids"]])
     return ids[: len(ids) // SEQ * SEQ].reshape(-1, SEQ)
 
 

@@ -218,3 +218,43 @@ def test_an_invalid_flag_value_is_one_line_without_the_usage_of_every_flag(corpu
     assert result.stderr.strip().splitlines() == [
         "error: argument --max_steps/--max-steps: invalid int value: 'abc' (--help lists the flags)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_help_starts_with_what_the_script_does_the_args_file_and_the_readme(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "run_mlm.py"), "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]  # a "%" in a help text broke argparse's formatting
+    head = "\n".join(result.stdout.splitlines()[:30])
+    assert head.startswith("usage: run_mlm.py [ARGS_FILE.yaml|.json] [--flag VALUE ...]\n")
+    assert "run_mlm.py configs/quickstart.yaml" in head and "args file (YAML or JSON)" in head
+    assert "README.md" in head and "--KEY none" in head
+    text = result.stdout
+    # This project's flags before transformers'; each --no_X says what it does instead of repeating --X.
+    assert text.index("--model_name_or_path") < text.index("--max_seq_length") < text.index("--per_device_train")
+    assert "Sets --scratch_recipe false." in text
+    no_flag = text.split("--no_scratch_recipe")[1].split("\n  --")[0]
+    assert "recipe, measured" not in no_flag
+    assert "and 15%; about 1 block" in text  # a literal percent sign, as written
+    # What --downstream_text_column_name defaults to, as the README says it.
+    column = text.split("--downstream_text_column_name")[1].split("\n  --")[0]
+    assert "text" in column.split("Its text column")[1]
+
+
+def test_a_data_source_flag_replaces_the_args_file_data_source(tmp_path, corpus):
+    # `configs/quickstart.yaml --train_file corpus.txt`: the file's built-in corpus gives way.
+    model_args, data_args, _ = parse([str(REPO / "configs/quickstart.yaml"), "--train_file", str(corpus),
+                                      "--output_dir", str(tmp_path / "out")])
+    assert data_args.train_file == [str(corpus)] and data_args.builtin_corpus is None
+    assert model_args.model_type == "modernbert"  # the rest of the file stays
+    check_run_arguments(model_args, data_args, _)
+
+
+def test_key_none_unsets_an_args_file_key(tmp_path, corpus):
+    config = write(tmp_path / "run.yaml", BASE_YAML.format(train=corpus, out=tmp_path / "out")
+                   + "builtin_corpus: python_docstrings\nmax_train_time: 2h\n")
+    model_args, data_args, training_args = parse([config, "--builtin_corpus", "none", "--max_train_time=None"])
+    assert data_args.builtin_corpus is None and model_args.max_train_time is None
+    assert data_args.train_file == [str(corpus)]
+    # transformers' flags keep "none" as a value.
+    _, _, training_args = parse([config, "--builtin_corpus", "none", "--report_to", "none"])
+    assert training_args.report_to in ("none", ["none"], [])

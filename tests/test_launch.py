@@ -14,6 +14,10 @@ def test_cpu_config_trains_evaluates_and_saves(corpus, tmp_path):
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_loss"] < 4.6 and results["train_samples"] > 0
     assert (out / "model.safetensors").exists()
+    # The card's recorded command is the one that was typed, launcher included (issue #31).
+    card = (out / "README.md").read_text()
+    assert f"accelerate launch --config_file {Path(__file__).parent.parent / 'accelerate_configs/cpu.yaml'} " \
+           "run_mlm.py --model_type bert" in card
 
 
 def test_launcher_reports_bad_input_in_one_line(corpus, tmp_path):

@@ -5,6 +5,7 @@ import ast
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,7 @@ def test_prepare_dataset_runs_by_path_from_any_directory_and_its_log_shows(corpu
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Prepared {data}: train" in result.stdout
+    prepare_log = result.stdout + result.stderr
     # Training from it, the script logs what it read (the prepared-data logger is one setup_logging sets up).
     train = tiny_run_args(tmp_path / "out", corpus, "--max_steps", "2", "--tokenized_dataset_path", str(data))
     train[train.index("--train_file"): train.index("--train_file") + 2] = []
@@ -118,6 +120,11 @@ def test_prepare_dataset_runs_by_path_from_any_directory_and_its_log_shows(corpu
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Prepared data {data}: train" in result.stdout + result.stderr
+    # Both scripts stamp their lines the same way (HH:MM:SS LEVEL logger: ...), issue #31.
+    stamp = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) utils\.\w+: ")
+    assert any(stamp.match(line) for line in prepare_log.splitlines()), prepare_log[-2000:]
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", prepare_log, re.M)
+    assert any(stamp.match(line) for line in result.stdout.splitlines() if "Prepared data" in line)
 
 
 def test_no_posix_only_module_is_imported():

@@ -241,3 +241,17 @@ def test_a_block_longer_than_the_models_positions_is_refused_before_any_tokenize
                                          r"use --max_seq_length 64 or less or raise max_position_embeddings"):
         main(tiny_run_args(tmp_path / "out", corpus, "--max_seq_length", "100000"))
     assert not (tmp_path / "out").exists()
+
+
+def test_whole_texts_longer_than_the_model_raise_no_indexing_warning(tmp_path, capfd, caplog):
+    # Texts are tokenized whole on purpose (then packed into blocks): transformers' "Token
+    # indices sequence length is longer than the specified maximum ... indexing errors" only
+    # alarms users (issue #31).
+    lines = write_repetitive_corpus(tmp_path / "short.txt").read_text().splitlines()
+    long = tmp_path / "long.txt"
+    long.write_text("\n".join(" ".join(lines[i:i + 12]) for i in range(0, len(lines), 12)) + "\n")
+    with caplog.at_level(logging.INFO):
+        main(tiny_run_args(tmp_path / "out", long, "--max_steps", "2"))
+    output = "".join(capfd.readouterr()) + caplog.text
+    assert "Token indices sequence length" not in output
+    assert "unknown tokens on held-out text" in caplog.text  # the whole held-out texts were tokenized

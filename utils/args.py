@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import json
 import os
+import re
 import sys
 import traceback
 import typing
@@ -71,6 +73,37 @@ def _raised_by_argument_checks(error: BaseException) -> bool:
     return bool(frames) and any(part in frames[-1].filename.replace(os.sep, "/") for part in _ARGUMENT_CHECKS)
 
 
+USAGE = "run_mlm.py [ARGS_FILE.yaml|.json] [--flag VALUE ...]"
+
+
+def configure_help(parser: HfArgumentParser, description: str) -> None:
+    """`--help` that starts with what the script does and how to call it, then the flags.
+
+    argparse's usage line would list every flag (~400) in brackets before anything else; a
+    short usage and the description come first instead. Each `--no_X` says it turns off
+    --X rather than repeating its help, and a literal "%" in a help text (argparse formats
+    help with %) is kept as typed.
+    """
+    parser.usage = USAGE
+    parser.description = description
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if action.help and action.help is not argparse.SUPPRESS:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
+        if action.option_strings and action.option_strings[0].startswith("--no_") and \
+                isinstance(action, argparse._StoreFalseAction):
+            action.help = f"Sets --{action.dest} false."
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (its examples keep their lines), each flag with its default."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, argparse._StoreFalseAction):
+            return action.help  # "(default: True)" after "Sets --X false." would confuse
+        return super()._get_help_string(action)
+
+
 def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
     """Parse `[ARGS_FILE] [--flag value ...]` into the parser's dataclasses.
 
@@ -85,8 +118,11 @@ def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple
         values = read_args_file(path)
         _check_known_keys(parser, values, path)
         _check_value_shapes(parser, values, path)
+        values, argv = merge_file_and_flags(values, argv)
         # A single value for a flag that takes several is taken as a list of one (__post_init__).
         parser.set_defaults(**values)
+    else:
+        argv = merge_file_and_flags({}, argv)[1]
     parser.error = _usage_error  # one line, not argparse's usage of every flag first
     try:
         *parsed, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
@@ -98,6 +134,49 @@ def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple
     if rest:
         raise UsageError(_unknown_arguments(parser, rest))
     return tuple(parsed)
+
+
+# Where the training text comes from: one source given as a flag replaces the args file's.
+DATA_SOURCE_FLAGS = ("train_file", "dataset_name", "builtin_corpus", "tokenized_dataset_path")
+DATA_SOURCE_KEYS = (*DATA_SOURCE_FLAGS, "validation_file", "dataset_config_name")
+UNSET = ("none", "null")
+
+
+def _flag_name(arg: str) -> str:
+    return arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
+
+
+def merge_file_and_flags(values: dict, argv: list[str]) -> tuple[dict, list[str]]:
+    """The args file's values and the flags, with what the flags take away from the file.
+
+    - A data source on the command line (--train_file, --dataset_name, --builtin_corpus,
+      --tokenized_dataset_path) replaces the file's: its train/validation files, dataset and
+      built-in corpus are dropped (`configs/quickstart.yaml --train_file corpus.txt` works).
+    - `--KEY none` (or null) unsets KEY, the file's value included, for this project's flags
+      (transformers' own flags keep their meaning of "none", as in --report_to none).
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    theirs = {f.name for f in fields(TrainingArguments)}
+    values = dict(values)
+    kept, i = [], 0
+    while i < len(argv):
+        name, inline = _flag_name(argv[i]), "=" in argv[i]
+        value = argv[i].split("=", 1)[1] if inline else argv[i + 1] if i + 1 < len(argv) else None
+        if name and name not in theirs and value is not None and value.strip().lower() in UNSET:
+            values.pop(name, None)
+            i += 1 if inline else 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    flags = {_flag_name(arg) for arg in kept}  # a source given, not one unset
+    if flags & set(DATA_SOURCE_FLAGS):
+        for key in DATA_SOURCE_KEYS:
+            if key not in flags:
+                values.pop(key, None)
+    return values, kept
 
 
 def _usage_error(message: str):
@@ -119,9 +198,9 @@ def given_keys(argv: list[str] | None = None) -> set[str]:
     Tells "--report_to none" (a choice) from not mentioning report_to (the default).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    keys = set()
-    if argv and argv[0].endswith(ARGS_FILE_SUFFIXES):
-        keys |= set(read_args_file(argv.pop(0)))
+    values = read_args_file(argv.pop(0)) if argv and argv[0].endswith(ARGS_FILE_SUFFIXES) else {}
+    values, argv = merge_file_and_flags(values, argv)
+    keys = set(values)
     for arg in argv:
         if arg.startswith("--"):
             name = arg[2:].split("=", 1)[0]

@@ -166,3 +166,42 @@ def locked_output_dir(output_dir: str, enabled: bool = True):
         yield
     finally:
         unlock_output_dir(output_dir)
+
+
+def finished_run(training_args, max_train_time: float | None) -> str | None:
+    """The one line to print when `output_dir` holds a run that already reached its end; else None.
+
+    A rerun of the same command would otherwise resume from the last checkpoint and take one
+    step past the end (the Trainer does that for a checkpoint at max_steps), then rewrite the
+    results and the card with that one step's figures. A larger --max_steps (or time budget,
+    or epochs) continues the run instead.
+    """
+    out = training_args.output_dir
+    state_file, results_file = os.path.join(out, "trainer_state.json"), os.path.join(out, "train_results.json")
+    if not training_args.do_train or training_args.resume_from_checkpoint or not os.path.isfile(results_file):
+        return None
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+        with open(results_file) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    step = state.get("global_step", 0)
+    newest = last_complete_checkpoint(out)
+    if newest and int(_CHECKPOINT.match(os.path.basename(newest)).group(1)) > step:
+        return None  # a later segment was stopped after this end: it resumes
+    ends = []
+    if 0 < training_args.max_steps < 10**9 and step >= training_args.max_steps:
+        ends.append(("--max_steps", f"step {step}"))
+    if max_train_time and results.get("train_time_budget_reached") and \
+            results.get("train_time_budget", 0) >= max_train_time:
+        ends.append(("--max_train_time", f"its time budget at step {step}"))
+    if training_args.max_steps <= 0 and not max_train_time and \
+            state.get("epoch", 0) >= training_args.num_train_epochs - 1e-6:
+        ends.append(("--num_train_epochs", f"epoch {state.get('epoch', 0):g} (step {step})"))
+    if not ends:
+        return None
+    flag, where = ends[0]
+    return (f"{out} already finished at {where} (the model is saved there); nothing was changed. Use a new "
+            f"--output_dir to train again, or raise {flag} to train on.")

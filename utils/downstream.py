@@ -148,7 +148,10 @@ def load_task(args, training_args):
         task[split] = Dataset.from_dict(columns)
     counts = [train_labels.count(name) for name in names]
     majority = max(range(len(names)), key=lambda i: counts[i])
-    info = {"labels": names, "train_size": len(task["train"]), "validation_size": len(task["validation"]),
+    name = args.builtin_task or ", ".join(map(str, args.train_file if isinstance(args.train_file, list)
+                                                else [args.train_file]))
+    info = {"name": name, "labels": names, "train_size": len(task["train"]),
+            "validation_size": len(task["validation"]),
             "majority_accuracy": sum(1 for v in task["validation"]["label"] if v == majority)
             / len(task["validation"])}
     if "test" in task:
@@ -197,7 +200,10 @@ class ConfusionCounts(TrainerCallback):
         precision = true_positives / matrix.sum(0).clamp(min=1)
         recall = true_positives / matrix.sum(1).clamp(min=1)
         f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-        return {"accuracy": float(true_positives.sum() / matrix.sum()), "f1_macro": float(f1.mean())}
+        # sklearn's f1_score(average="macro"): over the labels that occur in the split or in the
+        # predictions; a label that is in neither is not a 0 to average in.
+        present = (matrix.sum(0) + matrix.sum(1)) > 0
+        return {"accuracy": float(true_positives.sum() / matrix.sum()), "f1_macro": float(f1[present].mean())}
 
     def reset(self) -> None:
         self.matrix = None
@@ -208,6 +214,26 @@ def predicted_labels(logits, labels):
 
 
 # --- fine-tuning -----------------------------------------------------------------------------------
+
+_REPORTED_LOADS: set[str] = set()
+# A sequence classifier's new weights: its head (and BERT's pooler, which MLM checkpoints lack).
+_NEW_HEAD = ("classifier.", "score.", "pooler.", "pre_classifier.", "sequence_summary.", "head.")
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def loading_note(loading: dict) -> str | None:
+    """What a classifier's loading info says beyond "the classification head is new" (None if nothing)."""
+    missing = sorted(k for k in loading.get("missing_keys", ()) if not any(p in k for p in _NEW_HEAD))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get("mismatched_keys", ()))
+    parts = [f"{len(missing)} weights not in the checkpoint, initialised at random ({', '.join(missing[:3])}"
+             f"{', ...' if len(missing) > 3 else ''})"] if missing else []
+    if mismatched:
+        parts.append(f"{len(mismatched)} weights of another shape ({', '.join(mismatched[:3])})")
+    return "; ".join(parts) or None
+
 
 def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed: int, args,
              command_line: bool = False) -> dict:
@@ -229,10 +255,24 @@ def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed
     set_seed(seed)  # the new classifier head starts from the seed
     labels = info["labels"]
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, use_safetensors=True, cache_dir=args.cache_dir,
-            token=args.token)
+        # transformers prints a LOAD REPORT table (with terminal colour codes) at every load of
+        # a checkpoint without this head: once per model and seed. What it says, in one line,
+        # once per model, unless it only says that the classification head is new.
+        # (A filter, not a higher level: at WARNING or above, from_pretrained also checks the
+        # tensor-parallel plan and warns that no layer was sharded.)
+        transformers_log = logging.getLogger("transformers.modeling_utils")
+        transformers_log.addFilter(_drop_load_report)
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)}, use_safetensors=True, cache_dir=args.cache_dir,
+                token=args.token, output_loading_info=True)
+        finally:
+            transformers_log.removeFilter(_drop_load_report)
+        note = loading_note(loading)
+        if note and source not in _REPORTED_LOADS:
+            _REPORTED_LOADS.add(source)
+            logger.warning("Fine-tuning %s: %s", source, note)
     except OSError as e:
         raise UsageError(f"--models {source}: cannot load it as a model (not a local directory with safetensors "
                          f"weights, and not a hub id that resolves): {one_line(e)}") from e
@@ -333,11 +373,32 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_t_test(differences: list[float], level: float = 0.95) -> dict:
+    """The two-sided p-value of "the mean difference is 0" and the `level` confidence interval of the mean.
+
+    None for fewer than two seeds. Differences all equal: p is 1 when they are 0, else 0, and
+    the interval is that value (scipy would give nan for a spread of 0).
+    """
+    from scipy import stats
+
+    n = len(differences)
+    if n < 2:
+        return {"p_value": None, "ci95": None, "significant": False}
+    mean, std = _mean_std(differences)
+    if std == 0:
+        p, low, high = (1.0 if mean == 0 else 0.0), mean, mean
+    else:
+        p = float(stats.ttest_rel(differences, [0.0] * n).pvalue)
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / n ** 0.5
+        low, high = mean - half, mean + half
+    return {"p_value": p, "ci95": [low, high], "significant": p < 1 - level}
+
+
 def summarize(runs: dict[str, list[dict]], task: dict, hyperparameters: dict) -> dict:
     """Means and sample standard deviations over seeds, and per-seed paired differences against the first model.
 
-    A gain "exceeds the seed spread" when its mean over seeds is larger than the standard
-    deviation of the per-seed differences (and there are two seeds or more).
+    Each model against the first: a paired t-test over the seeds (two-sided p-value) and the
+    95% confidence interval of the mean gain; "significant" means p < 0.05 (two seeds or more).
     """
     names = list(runs)
     summary: dict = {}
@@ -356,7 +417,7 @@ def summarize(runs: dict[str, list[dict]], task: dict, hyperparameters: dict) ->
                 differences = [r[metric] - base[r["seed"]][metric] for r in runs[name] if r["seed"] in base]
                 mean, std = _mean_std(differences)
                 paired[metric] = {"differences": differences, "mean": mean, "std": std,
-                                  "exceeds_seed_spread": len(differences) > 1 and mean > std}
+                                  **paired_t_test(differences)}
             entry[f"vs_{names[0]}"] = paired
         summary[name] = entry
     summary["task"] = task
@@ -368,30 +429,45 @@ def markdown_table(summary: dict) -> str:
     names = [k for k in summary if k not in ("task", "hyperparameters")]
     base = names[0]
     n = len(summary[base]["per_seed"])
-    lines = [f"| model | accuracy (mean ± sd, {n} seeds) | macro-F1 (mean ± sd) | accuracy vs {base} (paired) "
-             f"| gain > seed spread | seconds per run |", "|---|---|---|---|---|---|"]
+    lines = [f"| model | accuracy (mean ± sd, {n} seeds) | macro-F1 (mean ± sd) | accuracy vs {base} "
+             "(paired mean, 95% CI) | p (paired t-test) | significant at 5% | seconds per run |",
+             "|---|---|---|---|---|---|---|"]
     for name in names:
         entry = summary[name]
         paired = entry.get(f"vs_{base}", {}).get("accuracy")
-        versus = f"{paired['mean']:+.4f} ± {paired['std']:.4f}" if paired else "(baseline)"
-        exceeds = ("yes" if paired["exceeds_seed_spread"] else "no") if paired else ""
+        if not paired:
+            versus, p, significant = "(baseline)", "", ""
+        elif paired["p_value"] is None:
+            versus, p, significant = f"{paired['mean']:+.4f} (1 seed: no interval)", "-", "-"
+        else:
+            low, high = paired["ci95"]
+            versus = f"{paired['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+            p, significant = f"{paired['p_value']:.3g}", "yes" if paired["significant"] else "no"
         seconds = sum(entry["seconds_per_run"]) / len(entry["seconds_per_run"])
         lines.append(f"| {name} | {entry['accuracy_mean']:.4f} ± {entry['accuracy_std']:.4f} | "
-                     f"{entry['f1_macro_mean']:.4f} ± {entry['f1_macro_std']:.4f} | {versus} | {exceeds} | "
-                     f"{seconds:.0f} |")
+                     f"{entry['f1_macro_mean']:.4f} ± {entry['f1_macro_std']:.4f} | {versus} | {p} | "
+                     f"{significant} | {seconds:.0f} |")
     task = summary["task"]
-    lines += ["", f"Majority class on the validation split: accuracy {task['majority_accuracy']:.4f}. "
+    lines += ["", f"Macro-F1 averages the labels that occur in the validation split or in the predictions "
+                  "(sklearn's `f1_score(average=\"macro\")`). Majority class on the validation split: accuracy "
+                  f"{task['majority_accuracy']:.4f}. "
                   f"{len(task['labels'])} labels, {task['train_size']} training and {task['validation_size']} "
                   "validation examples."]
     return "\n".join(lines)
 
 
 def plot(summary: dict, path: Path) -> Path:
+    figure(summary).savefig(path, dpi=110)
+    return path
+
+
+def figure(summary: dict):
+    """The bar chart of `plot`: accuracy and macro-F1 per model, the majority class, the task in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = [k for k in summary if k not in ("task", "hyperparameters")]
-    figure = Figure(figsize=(1.8 + 1.6 * len(names), 4))
+    figure = Figure(figsize=(2.6 + 1.6 * len(names), 4.4))
     FigureCanvasAgg(figure)
     axis = figure.subplots()
     width = 0.38
@@ -403,10 +479,14 @@ def plot(summary: dict, path: Path) -> Path:
     axis.set_xticks(range(len(names)), names)
     axis.set_ylim(0, 1)
     axis.set_ylabel("validation score (mean ± sd over seeds)")
-    axis.legend(loc="lower right")
+    task = summary["task"]
+    seeds = len(summary[names[0]]["per_seed"])
+    axis.set_title(f"Fine-tuned on {task.get('name', 'the task')} ({len(task['labels'])} labels, {seeds} seeds)",
+                   fontsize=10)
+    # Beside the axes, not over the bars (which reach the top for a good model).
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return figure
 
 
 def write_outputs(summary: dict, output_dir: Path, sources: dict[str, str]) -> None:
@@ -431,14 +511,27 @@ def add_card_section(model_dir: Path, table: str, summary: dict) -> None:
         text = before.rstrip() + ("\n\n## " + rest[1] if len(rest) > 1 else "")
     hyper = summary["hyperparameters"]
     batch = f"{hyper['per_device_train_batch_size']} x {hyper['world_size']}"
-    section = [CARD_SECTION, "", "Fine-tuned for sequence classification with `utils/downstream.py`, the same seeds "
-               f"({', '.join(map(str, hyper['seeds']))}) and hyperparameters for every model (learning rate "
+    task = summary["task"]
+    names = [k for k in summary if k not in ("task", "hyperparameters")]
+    baseline = {UNTRAINED_NAME: f"`{UNTRAINED_NAME}` is this model with its random initial weights, before any "
+                                "training step (does pretraining help at all?). ",
+                START_NAME: f"`{START_NAME}` is the checkpoint training started from. "}.get(names[0], "")
+    section = [CARD_SECTION, "", f"Task: {task.get('name', 'the labelled data')} ({len(task['labels'])} labels). "
+               + baseline + "Each model fine-tuned for sequence classification with `utils/downstream.py`, the same "
+               f"seeds ({', '.join(map(str, hyper['seeds']))}) and hyperparameters for every model (learning rate "
                f"{hyper['learning_rate']}, {hyper['num_train_epochs']} epochs, batch {batch}, sequences of "
                f"{hyper['max_seq_length']} tokens):", "", table, ""]
     card.write_text(text.rstrip() + "\n\n" + "\n".join(section), encoding="utf-8")
 
 
 UNTRAINED = ".downstream-untrained"
+# run_mlm's baseline, as tables, plots and cards name it: from scratch, the model before its
+# first step; adapting, the checkpoint it started from.
+UNTRAINED_NAME, START_NAME = "untrained", "start"
+
+
+def baseline_name(start: str) -> str:
+    return UNTRAINED_NAME if Path(start).name == UNTRAINED else START_NAME
 
 
 def save_untrained(model, tokenizer, training_args) -> str:
@@ -460,7 +553,7 @@ def compare_after_training(start: str, trained: str, data_args, training_args, c
     from transformers import TrainingArguments
 
     args = DownstreamArguments(
-        models=[f"start={start}", f"trained={trained}"], train_file=data_args.downstream_train_file,
+        models=[f"{baseline_name(start)}={start}", f"trained={trained}"], train_file=data_args.downstream_train_file,
         validation_file=data_args.downstream_validation_file, builtin_task=data_args.downstream_builtin_task,
         text_column_name=data_args.downstream_text_column_name,
         text_pair_column_name=data_args.downstream_text_pair_column_name,

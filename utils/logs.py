@@ -8,14 +8,19 @@ import sys
 import datasets
 import transformers
 
+# One format for every script of the project (run_mlm, prepare_dataset, downstream).
+FORMAT, DATE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+
+
+def setup_tool_logging() -> None:
+    """The log format of run_mlm, at INFO, for the tools that have no TrainingArguments of their own."""
+    logging.basicConfig(format=FORMAT, datefmt=DATE_FORMAT, level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+
 
 def setup_logging(training_args) -> None:
     """Log INFO from this project on the main process (WARNING elsewhere) and one line per process."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
+    logging.basicConfig(format=FORMAT, datefmt=DATE_FORMAT, handlers=[logging.StreamHandler(sys.stdout)])
     # --log_level / --log_level_replica set the libraries' verbosity; ours is INFO on the main
     # process of each node (or of the run, without --log_on_each_node) and WARNING elsewhere.
     library_level = training_args.get_process_log_level()

@@ -123,14 +123,59 @@ def _token_counts(data_stats: dict) -> list[str]:
     return lines
 
 
+def _usage(output_dir: str, mask_token: str, fill_mask: tuple[list[str], list] | None) -> list[str]:
+    """The card's "Use" section: the run's own fill-mask sentences, and what the model answered."""
+    from utils.fill_mask import adapt_mask_token
+
+    sentences, predictions = fill_mask if fill_mask else ([f"A {mask_token} example."], None)
+    lines = ["", "## Use", "", "```python", "from transformers import pipeline", "",
+             f'fill = pipeline("fill-mask", model="{output_dir}")']
+    lines += [f"print(fill({adapt_mask_token(sentence, mask_token)!r}))" for sentence in sentences[:3]]
+    lines += ["```", ""]
+    if predictions:
+        lines += ["What this model answers (top 5, from the end of the run):", ""]
+        for sentence, per_mask in zip(sentences, predictions):
+            answers = " / ".join(", ".join(c["token_str"].strip() for c in candidates) for candidates in per_mask)
+            lines.append(f"- {adapt_mask_token(sentence, mask_token)} -> {answers}")
+        lines.append("")
+    lines += [f"Or: `python -m utils.fill_mask {output_dir} \"... {mask_token} ...\"` from the run_mlm checkout.", ""]
+    return lines
+
+
+def launcher() -> str:
+    """How this process was launched, when a launcher started it: "accelerate launch --config_file X.yaml ".
+
+    The launcher's arguments are not passed on to the script; they are read from the parent
+    process's command line (Linux /proc), and left out where it cannot be read.
+    """
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return ""
+    names = [os.path.basename(part) for part in parent]
+    ends = [i for i, name in enumerate(names) if script and name == script]
+    # `accelerate launch`, `python -m accelerate.commands.launch`, `torchrun`, `python -m torch.distributed.run`
+    for i, name in enumerate(names[:ends[0]] if ends else []):
+        tool = ("accelerate launch" if (name == "accelerate" and names[i + 1:i + 2] == ["launch"])
+                else "accelerate launch" if name == "accelerate.commands.launch"
+                else "torchrun" if name in ("torchrun", "torch.distributed.run") else None)
+        if tool:
+            skip = 2 if name == "accelerate" else 1
+            return f"{tool} {redacted_command(parent[i + skip:ends[0]])} ".replace("  ", " ")
+    return ""
+
+
 def write_model_card(output_dir: str, model, model_args, data_args, training_args, state, metrics: dict,
                      max_seq_length: int, tokenizer_source: str, mask_token: str, argv: list[str],
                      tokens_per_step: int | None = None, plot: str | None = None,
-                     data_stats: dict | None = None) -> Path:
+                     data_stats: dict | None = None, fill_mask: tuple[list[str], list] | None = None) -> Path:
     """Write README.md in `output_dir`: what was trained, on what, how, the results and how to rerun it.
 
     `data_stats`: per split, the counts `utils.data.preprocess_datasets` (or a prepared
-    dataset's manifest) gives: tokens, characters, tokens lost.
+    dataset's manifest) gives: tokens, characters, tokens lost. `fill_mask`: the run's
+    fill-mask sentences and the trained model's predictions, shown as the usage example.
     """
     import datasets
     import tokenizers
@@ -188,7 +233,9 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
         *([f"- Tokens seen: {state.global_step * tokens_per_step:,} "
            f"({'rows x max_seq_length' if data_args.line_by_line else 'packed blocks'})."] if tokens_per_step else []),
         *([f"- Training time: {_duration(metrics['train_runtime'])} on {world} process(es) "
-           f"({training_args.device.type})."] if "train_runtime" in metrics else []),
+           f"({training_args.device.type})"
+           + (f", in {metrics['train_segments']} segments (stopped and resumed; the time of the steps kept)"
+              if metrics.get("train_segments", 1) > 1 else "") + "."] if "train_runtime" in metrics else []),
         *([f"- Time budget (--max_train_time): {_duration(metrics['train_time_budget'])}, "
            f"{_duration(metrics['train_time_budget_used'])} used; "
            f"{'stopped at the deadline' if metrics.get('train_time_budget_reached') else 'ended before it'}."]
@@ -200,18 +247,19 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
     ]
     if results:
         lines += ["|" + "---|" * len(results), "| " + " | ".join(_fmt(v) for _, v in results) + " |"]
+    before = next((log for log in state.log_history if log.get("step") == 0 and "eval_loss" in log), None)
+    if before and results:
+        lines += ["", f"Before training (step 0, `eval_on_start`): eval_loss {_fmt(before['eval_loss'])}"
+                  + (f", eval_accuracy {_fmt(before['eval_accuracy'])}" if "eval_accuracy" in before else "") + "."]
     if plot:
         lines += ["", f"![Train and eval loss, learning rate]({plot})"]
     lines += [
-        "", "## Use", "", "```python", "from transformers import pipeline", "",
-        f'fill = pipeline("fill-mask", model="{output_dir}")',
-        f'print(fill("The capital of France is {mask_token}."))', "```", "",
-        "Or: `python -m utils.fill_mask " + output_dir + " \"... [MASK] ...\"` from the run_mlm checkout.", "",
+        *_usage(output_dir, mask_token, fill_mask),
         "## Reproduce", "",
         f"All arguments that differ from the defaults are in `{RUN_ARGS_FILE}` next to this card:", "",
         "```bash", f"python run_mlm.py {os.path.join(output_dir, RUN_ARGS_FILE)} --output_dir NEW_DIR", "```", "",
         "(With the same `--output_dir`, the run would resume from its last checkpoint instead.)", "",
-        "The command that was run:", "", "```bash", f"run_mlm.py {redacted_command(argv)}", "```", "",
+        "The command that was run:", "", "```bash", f"{launcher()}run_mlm.py {redacted_command(argv)}", "```", "",
         "## Framework versions", "",
         f"- transformers {transformers.__version__}, torch {torch.__version__}, datasets {datasets.__version__}, "
         f"tokenizers {tokenizers.__version__}", "",

@@ -15,7 +15,6 @@ run_mlm.py's (a prepared dataset is what that run would tokenize), plus PrepareA
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,8 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     from utils import data, modeling
     from utils import tokenizer as tokenizers
     from utils.args import parse_args
+    from utils.logs import setup_tool_logging
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_tool_logging()  # run_mlm's format
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, PrepareArguments))
     model_args, data_args, training_args, prepare_args = parse_args(parser, argv)
     path = data_args.tokenized_dataset_path

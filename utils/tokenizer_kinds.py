@@ -231,7 +231,9 @@ def unknown_rate(tokenizer, texts: list[str]) -> float:
     if tokenizer.unk_token_id is None or not texts:
         return 0.0
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row if i not in special]
+    # Whole texts on purpose (verbose=False: no "longer than the maximum sequence length" warning).
+    ids = [i for row in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] for i in row
+           if i not in special]
     return sum(i == tokenizer.unk_token_id for i in ids) / max(len(ids), 1)
 
 

@@ -285,6 +285,12 @@ class MLMTrainer(XLAAutocast, Trainer):
     stream_position = None  # streaming: where this process's share goes on after the rows trained on so far
     stream_resumed_from = None  # streaming: the checkpoint the stream resumed from, until its first step
     time_budget = None  # utils.budget.TimeBudget with --max_train_time: the schedule runs over elapsed time
+    segments = None  # utils.segments.RunSegments: the run so far, recorded in each checkpoint
+
+    def train(self, *args, **kwargs):
+        if self.segments is not None:
+            self.segments.start()
+        return super().train(*args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None and self.time_budget is None:
@@ -333,6 +339,8 @@ class MLMTrainer(XLAAutocast, Trainer):
             save_position(folder, self.args.process_index, self.args.world_size, self.stream_position)
         if self.time_budget is not None and self.args.should_save:
             self.time_budget.save(folder)  # the training time used so far: a resume goes on from it
+        if self.segments is not None and self.args.should_save:
+            self.segments.save(folder, self)  # the run so far: a resumed run reports the whole run
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             from utils.checkpoints import match_weight_file_modes
