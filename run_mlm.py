@@ -3,7 +3,7 @@
 
 Arguments come from an args file (YAML or JSON), flags, or both; flags after the file win:
 
-    # the quickstart: a small BERT from scratch, offline, on 2 CPU cores in a few minutes
+    # the quickstart: a small ModernBERT from scratch, offline, on 2 CPU cores in a few minutes
     accelerate launch --config_file accelerate_configs/cpu.yaml run_mlm.py configs/quickstart.yaml
 
     # adapt a pretrained checkpoint to your own files
