@@ -180,11 +180,15 @@ def test_two_process_checkpoint_loads_in_one_process_and_resumes(one_and_two_pro
     assert AutoModelForMaskedLM.from_pretrained(out / "checkpoint-10") is not None
     assert AutoModelForMaskedLM.from_pretrained(out) is not None
     uninterrupted = losses(out)
-    # Lose the second half of the run, then run the same command again: it resumes from
-    # checkpoint-10 and, with the same masks and batches, logs the same losses.
+    # Lose the second half of the run (its last checkpoint and the final results, as if it
+    # had stopped after checkpoint-10), then run the same command again: it resumes from
+    # checkpoint-10 and, with the same masks and batches, logs the same losses. (With the
+    # final results there, the run is finished and a rerun changes nothing: tests/test_rerun.py.)
     import shutil
 
     shutil.rmtree(out / "checkpoint-20")
+    for name in ("train_results.json", "all_results.json"):
+        (out / name).unlink()
     result = accelerate_launch("accelerate_configs/multi_cpu.yaml",
                                comparable_args(out, corpus, shared_tokenizer, 8, "--save_strategy", "steps",
                                                "--save_steps", "10"),
