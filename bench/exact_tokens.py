@@ -136,20 +136,14 @@ def train(code: Path, paths: dict, output_dir: Path, seed: int, steps: int) -> f
 def score(model_dirs: list[Path], paths: dict, seed: int = 1234) -> list[float]:
     """MLM loss of each model on the same held-out blocks and the same masks."""
     import torch
+    from fixed_masks import seeded_masks
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["checkpoint"])  # the wrapper: exact ids, no padding
     lines = [t for t in paths["validation"].read_text(encoding="utf-8").splitlines() if t.strip()]
     ids = torch.tensor([i for row in tokenizer(lines)["input_ids"] for i in row])
     blocks = ids[: len(ids) // BLOCK * BLOCK].view(-1, BLOCK)[:256]
-    generator = torch.Generator().manual_seed(seed)
-    special = torch.isin(blocks, torch.tensor(tokenizer.all_special_ids))
-    chosen = (torch.rand(blocks.shape, generator=generator) < 0.15) & ~special
-    action = torch.rand(blocks.shape, generator=generator)
-    random_ids = torch.randint(len(tokenizer), blocks.shape, generator=generator)
-    inputs = torch.where(chosen & (action < 0.8), tokenizer.mask_token_id, blocks)
-    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-    labels = torch.where(chosen, blocks, -100)
+    inputs, labels = seeded_masks(blocks, tokenizer, seed)
     losses = []
     for model_dir in model_dirs:
         model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()

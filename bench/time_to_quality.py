@@ -166,18 +166,12 @@ def project(work: Path, name: str, seconds: float, flags: list[str], seed: int) 
 def score(work: Path, model_dir: str, seed: int = 1234) -> dict:
     """Masked-token loss and accuracy on the held-out blocks, with the same 15% masks for every model."""
     import torch
+    from fixed_masks import seeded_masks
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     ids = torch.as_tensor(blocks(tokenizer, work / "eval.txt"))
-    generator = torch.Generator().manual_seed(seed)
-    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
-    selected = (torch.rand(ids.shape, generator=generator) < 0.15) & ~special
-    replace = torch.rand(ids.shape, generator=generator)
-    random_ids = torch.randint(len(tokenizer), ids.shape, generator=generator)
-    inputs = torch.where(selected & (replace < 0.8), tokenizer.mask_token_id, ids)
-    inputs = torch.where(selected & (replace >= 0.8) & (replace < 0.9), random_ids, inputs)
-    labels = torch.where(selected, ids, -100)
+    inputs, labels = seeded_masks(ids, tokenizer, seed)
     model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
     total = correct = count = 0.0
     with torch.no_grad():
