@@ -37,16 +37,10 @@ class RunSegments:
         self.started = time.time()
 
     def save(self, folder: str, trainer) -> None:
-        """Record the run up to this checkpoint (the losses the Trainer has not logged yet included).
-
-        Called on every process: reading the unlogged loss is a device sync (on XLA, a graph
-        run), which one process alone must not do while the others go on. The main one writes.
-        """
+        """Record the run up to this checkpoint (the losses the Trainer has not logged yet included)."""
         # (transformers 5 keeps both on the Trainer; the unlogged part is a tensor on the device.)
         unlogged = getattr(trainer, "_tr_loss", None)
         this_segment = getattr(trainer, "_total_loss_scalar", 0.0) + (float(unlogged) if unlogged is not None else 0.0)
-        if not trainer.args.should_save:
-            return
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, FILE), "w") as f:
             json.dump({"steps": trainer.state.global_step, "loss_sum": self.loss_sum_before + this_segment,

@@ -339,7 +339,7 @@ class MLMTrainer(XLAAutocast, Trainer):
             save_position(folder, self.args.process_index, self.args.world_size, self.stream_position)
         if self.time_budget is not None and self.args.should_save:
             self.time_budget.save(folder)  # the training time used so far: a resume goes on from it
-        if self.segments is not None:
+        if self.segments is not None and self.args.should_save:
             self.segments.save(folder, self)  # the run so far: a resumed run reports the whole run
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
