@@ -311,28 +311,6 @@ class DataTrainingArguments:
         metadata={"help": "Sentences with [MASK] (or <mask>) to predict with the trained model at the end."},
     )
     fill_mask_top_k: int = field(default=5, metadata={"help": "Predictions shown per mask."})
-    downstream_train_file: list[str] | None = field(
-        default=None, metadata={"help": "After training, fine-tune the starting checkpoint (from scratch: the same "
-                                        "model untrained) and the trained model on this labelled data (csv, json, "
-                                        "parquet) and compare them over seeds; the table goes into the model card."})
-    downstream_validation_file: list[str] | None = field(
-        default=None, metadata={"help": "Labelled data to score that comparison on."})
-    downstream_builtin_task: str | None = field(
-        default=None, metadata={"help": "python_packages: a labelled task built from this machine's Python "
-                                        "docstrings (which package a paragraph comes from), instead of the files."})
-    downstream_text_column_name: str | None = field(
-        default=None, metadata={"help": "Its text column (unset: `text`, or the only text column)."})
-    downstream_text_pair_column_name: str | None = field(default=None, metadata={"help": "Its second text column."})
-    downstream_label_column_name: str = field(default="label", metadata={"help": "Its label column."})
-    downstream_seeds: int = field(default=3, metadata={"help": "Fine-tuning runs per model (--seed, --seed + 1, ...)."})
-    downstream_learning_rate: float = field(default=1e-4, metadata={"help": "Fine-tuning learning rate."})
-    downstream_num_train_epochs: float = field(default=3.0, metadata={"help": "Fine-tuning epochs."})
-    downstream_batch_size: int = field(default=32, metadata={"help": "Fine-tuning batch size per device."})
-
-    @property
-    def downstream(self) -> bool:
-        return bool(self.downstream_builtin_task or self.downstream_train_file)
-
     def __post_init__(self):
         # A single path from an args file arrives as a string.
         for name in ("train_file", "validation_file", "fill_mask_sentences"):
@@ -380,6 +358,45 @@ class DataTrainingArguments:
                 raise UsageError("--builtin_corpus is small enough to load whole; drop --streaming")
 
 
+@dataclass
+class DownstreamCheckArguments:
+    """After training, did it help? Fine-tune the starting point and the trained model on a labelled task, and compare.
+
+    utils/downstream.py does the comparison; `python -m utils.downstream` runs it on any models.
+    """
+
+    downstream_train_file: list[str] | None = field(
+        default=None, metadata={"help": "After training, fine-tune the starting checkpoint (from scratch: the same "
+                                        "model untrained) and the trained model on this labelled data (csv, json, "
+                                        "parquet) and compare them over seeds; the table goes into the model card."})
+    downstream_validation_file: list[str] | None = field(
+        default=None, metadata={"help": "Labelled data to score that comparison on."})
+    downstream_builtin_task: str | None = field(
+        default=None, metadata={"help": "python_packages: a labelled task built from this machine's Python "
+                                        "docstrings (which package a paragraph comes from), instead of the files."})
+    downstream_text_column_name: str | None = field(
+        default=None, metadata={"help": "Its text column (unset: `text`, or the only text column)."})
+    downstream_text_pair_column_name: str | None = field(default=None, metadata={"help": "Its second text column."})
+    downstream_label_column_name: str = field(default="label", metadata={"help": "Its label column."})
+    downstream_seeds: int = field(default=3, metadata={"help": "Fine-tuning runs per model (--seed, --seed + 1, ...)."})
+    downstream_learning_rate: float = field(default=1e-4, metadata={"help": "Fine-tuning learning rate."})
+    downstream_num_train_epochs: float = field(default=3.0, metadata={"help": "Fine-tuning epochs."})
+    downstream_batch_size: int = field(default=32, metadata={"help": "Fine-tuning batch size per device."})
+
+    def __post_init__(self):
+        for name in ("downstream_train_file", "downstream_validation_file"):
+            if isinstance(getattr(self, name), str):  # a single path from an args file
+                setattr(self, name, [getattr(self, name)])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.downstream_builtin_task or self.downstream_train_file)
+
+
+# The flags of run_mlm.py, in the order --help lists them (this project's before transformers').
+ARGUMENT_GROUPS = (ModelArguments, DataTrainingArguments, DownstreamCheckArguments, TrainingArguments)
+
+
 def precision_shapes(model_args, data_args, training_args) -> list[tuple[int, int, int]] | None:
     """The model's big matrix products for one training batch, to time bf16 against fp32 on a CPU."""
     if training_args.device.type != "cpu" or model_args.precision != "auto":
@@ -418,9 +435,9 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     # 1. Arguments: an optional args file, then flags. Processes started on a machine without
     #    GPUs join one gloo group (set before TrainingArguments picks the device).
     distributed.join_cpu_process_group()
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfArgumentParser(ARGUMENT_GROUPS)
     configure_help(parser, __doc__)
-    model_args, data_args, training_args = parse_args(parser, argv)
+    model_args, data_args, downstream_args, training_args = parse_args(parser, argv)
     check_run_arguments(model_args, data_args, training_args)
     distributed.check_process_group(training_args)
     move_hub_token_to_env(training_args)
@@ -429,7 +446,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                       if model_args.from_scratch and model_args.scratch_recipe else [])
     # What the user chose (and the recipe filled in), before the adjustments below: saved as an
     # args file that reruns the run.
-    run_args = non_default_args(model_args, data_args, training_args)
+    run_args = non_default_args(model_args, data_args, downstream_args, training_args)
     # A rerun of a run that reached its end changes nothing (it would resume and take a step
     # past the end, then report that step alone).
     finished = finished_run(training_args,
@@ -587,7 +604,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         for change in speed_up_for_cpu(model, reuse_memory=command_line):
             logger.info("CPU: %s", change)
     untrained = None
-    if data_args.downstream and training_args.do_train and model_args.from_scratch:
+    if downstream_args.enabled and training_args.do_train and model_args.from_scratch:
         # The baseline of "does pretraining help at all": this very model before any step.
         untrained = downstream.save_untrained(model, tokenizer, training_args)
 
@@ -678,10 +695,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
 
         # 14. Did it help? Fine-tune the starting point and the trained model on a labelled task,
         #     over seeds; the table goes into the model card.
-        if data_args.downstream and training_args.do_train:
+        if downstream_args.enabled and training_args.do_train:
             summary = downstream.compare_after_training(
-                model_args.model_name_or_path or untrained, training_args.output_dir, data_args, training_args,
-                command_line)
+                model_args.model_name_or_path or untrained, training_args.output_dir, downstream_args,
+                data_args.max_seq_length, training_args, command_line)
             results["downstream"] = {name: entry["accuracy_mean"] for name, entry in summary.items()
                                      if name not in ("task", "hyperparameters")}
 

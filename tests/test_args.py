@@ -5,9 +5,15 @@ import subprocess
 import sys
 
 import pytest
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
-from run_mlm import DataTrainingArguments, ModelArguments, check_run_arguments
+from run_mlm import (
+    ARGUMENT_GROUPS,
+    DataTrainingArguments,
+    DownstreamCheckArguments,
+    ModelArguments,
+    check_run_arguments,
+)
 from utils.args import parse_args
 from utils.errors import UsageError
 
@@ -15,8 +21,9 @@ from .conftest import REPO
 
 
 def parse(argv):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    return parse_args(parser, argv)
+    """run_mlm's parsing: (model, data, training) arguments (the downstream check's are left out)."""
+    model_args, data_args, _, training_args = parse_args(HfArgumentParser(ARGUMENT_GROUPS), argv)
+    return model_args, data_args, training_args
 
 
 def write(path, text):
@@ -156,7 +163,7 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path, corpus):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("group", [ModelArguments, DataTrainingArguments])
+@pytest.mark.parametrize("group", [ModelArguments, DataTrainingArguments, DownstreamCheckArguments])
 def test_every_argument_is_documented_in_help_and_readme(group):
     import dataclasses
 

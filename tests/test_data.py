@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from utils.data import (
+    BlockPacker,
     check_extension,
     find_text_column,
-    group_texts,
     load_raw_datasets,
     preprocess_datasets,
     resolve_data_files,
@@ -40,24 +40,27 @@ def tokenizer():
     return train_wordpiece_tokenizer(LINES * 3, vocab_size=80, model_max_length=64)
 
 
-def test_group_texts_concatenates_in_order_and_cuts_blocks():
-    examples = {"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12]]}
-    grouped = group_texts(examples, block_size=4)
-    assert grouped["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
-    assert grouped["input_ids"].dtype == np.int32
+def test_the_packer_concatenates_numpy_sequences_in_order_and_cuts_blocks():
+    packer = BlockPacker(4)
+    blocks = [packer.add({"input_ids": np.array(ids, dtype=np.uint16)})["input_ids"]
+              for ids in ([1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12, 13])]
+    assert [b.tolist() for b in blocks] == [[], [[1, 2, 3, 4]], [[5, 6, 7, 8], [9, 10, 11, 12]]]
+    assert blocks[2].dtype == np.uint16 and packer.tokens_left == 1
 
 
-def test_group_texts_drops_only_the_tail_and_keeps_offsets_aligned():
-    examples = {"input_ids": [[1, 2, 3], [4, 5, 6, 7]],
-                "offset_mapping": [[(0, 0), (0, 3), (0, 0)], [(0, 0), (0, 2), (3, 5), (0, 0)]]}
-    grouped = group_texts(examples, block_size=3)
-    assert grouped["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
-    assert grouped["offset_mapping"].shape == (2, 3, 2)
-    assert grouped["offset_mapping"][1].tolist() == [[0, 0], [0, 2], [3, 5]]
+def test_the_packer_cuts_every_column_at_the_same_places():
+    packer = BlockPacker(3)
+    blocks = packer.add({"input_ids": np.array([1, 2, 3, 4, 5, 6, 7]),
+                         "offsets": np.array([[0, 0], [0, 3], [0, 0], [0, 0], [0, 2], [3, 5], [0, 0]])})
+    assert blocks["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert blocks["offsets"].shape == (2, 3, 2) and blocks["offsets"][1].tolist() == [[0, 0], [0, 2], [3, 5]]
+    assert packer.carry["offsets"].tolist() == [[0, 0]]
 
 
-def test_group_texts_shorter_than_a_block_gives_nothing():
-    assert len(group_texts({"input_ids": [[1, 2], [3]]}, block_size=4)["input_ids"]) == 0
+def test_text_shorter_than_a_block_gives_no_block_and_is_carried():
+    packer = BlockPacker(4)
+    assert len(packer.add({"input_ids": np.array([1, 2])})["input_ids"]) == 0
+    assert packer.add({"input_ids": np.array([3, 4, 5])})["input_ids"].tolist() == [[1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("name, builder", [("a.txt", "text"), ("a.TXT", "text"), ("a.jsonl", "json"),

@@ -281,25 +281,37 @@ def count_characters(dataset: Dataset, text_column: str) -> int:
 class BlockPacker:
     """Cut a stream of token sequences into blocks of `block_size`, carrying the remainder along.
 
-    Only the tail of the whole stream (less than one block) is lost, unlike grouping each
-    `datasets.map` batch on its own, which drops a partial block per batch of texts. Works on
-    Arrow arrays of any element type (token ids, or offset pairs for whole-word masking).
+    The one packer of the project: the prepared datasets (Arrow arrays, `pack_dataset`) and
+    the streamed ones (numpy arrays, `utils.streaming`) both cut their blocks here. Only the
+    tail of the whole stream (less than one block) is lost, unlike grouping each
+    `datasets.map` batch on its own (the reference's `group_texts`), which drops a partial
+    block per batch of texts. Columns of any element type (token ids, word starts) are cut
+    at the same places.
     """
 
     def __init__(self, block_size: int):
         self.block_size = block_size
-        self.carry: dict[str, pa.Array] = {}
+        self.carry: dict[str, pa.Array | np.ndarray] = {}
 
-    def add(self, columns: dict[str, pa.Array]) -> dict[str, pa.Array]:
-        """Append flat token arrays (one per column, equal lengths); return the full blocks now available."""
+    def add(self, columns: dict[str, pa.Array | np.ndarray]) -> dict[str, pa.Array | np.ndarray]:
+        """Append flat token arrays (one per column, equal lengths); return the full blocks now available.
+
+        Arrow arrays give FixedSizeListArrays of blocks; numpy arrays give 2-D arrays (views).
+        """
         blocks = {}
         for name, flat in columns.items():
-            if name in self.carry and len(self.carry[name]):
-                flat = pa.concat_arrays([self.carry[name], flat])
+            arrow = isinstance(flat, pa.Array)
+            carry = self.carry.get(name)
+            if carry is not None and len(carry):
+                flat = pa.concat_arrays([carry, flat]) if arrow else np.concatenate([carry, flat])
             n_tokens = len(flat) // self.block_size * self.block_size
-            blocks[name] = pa.FixedSizeListArray.from_arrays(flat.slice(0, n_tokens), self.block_size)
-            # A copy, so that the carry does not pin the whole batch's buffers in memory.
-            self.carry[name] = pa.concat_arrays([flat.slice(n_tokens)])
+            # The carry is a copy, so that it does not pin the whole batch's buffers in memory.
+            if arrow:
+                blocks[name] = pa.FixedSizeListArray.from_arrays(flat.slice(0, n_tokens), self.block_size)
+                self.carry[name] = pa.concat_arrays([flat.slice(n_tokens)])
+            else:
+                blocks[name] = flat[:n_tokens].reshape(-1, self.block_size, *flat.shape[1:])
+                self.carry[name] = flat[n_tokens:].copy()
         return blocks
 
     @property
@@ -359,22 +371,6 @@ def pack_dataset(tokenized: Dataset, block_size: int, overwrite: bool = False, d
     if schema is None:
         return Dataset.from_dict({name: [] for name in names}), 0
     return Dataset(pa.Table.from_batches(batches)), packer.tokens_left
-
-
-def group_texts(examples: dict, block_size: int) -> dict:
-    """Concatenate each column's sequences and cut them into blocks of `block_size` tokens.
-
-    The reference's grouping, per `datasets.map` batch (kept for the benchmark and the
-    whole-word-mask path's tests): the tail shorter than one block of every batch is dropped.
-    """
-    grouped = {}
-    for column, sequences in examples.items():
-        if not sequences:
-            return {c: [] for c in examples}
-        flat = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences])
-        n_blocks = len(flat) // block_size
-        grouped[column] = flat[: n_blocks * block_size].reshape(n_blocks, block_size, *flat.shape[1:])
-    return grouped
 
 
 def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: int,

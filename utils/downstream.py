@@ -543,26 +543,28 @@ def save_untrained(model, tokenizer, training_args) -> str:
     return str(path)
 
 
-def compare_after_training(start: str, trained: str, data_args, training_args, command_line: bool = False) -> dict:
-    """run_mlm's step 14: the starting point against the trained model, fine-tuned with data_args' downstream_* flags.
+def compare_after_training(start: str, trained: str, check, max_seq_length: int | None, training_args,
+                           command_line: bool = False) -> dict:
+    """run_mlm's step 14: the starting point against the trained model, fine-tuned as `check` says.
 
-    Results go to OUTPUT_DIR/downstream/ and a "Downstream" section into the trained model's card.
+    `check`: run_mlm's DownstreamCheckArguments (the downstream_* flags). Results go to
+    OUTPUT_DIR/downstream/ and a "Downstream" section into the trained model's card.
     """
     import shutil
 
     from transformers import TrainingArguments
 
     args = DownstreamArguments(
-        models=[f"{baseline_name(start)}={start}", f"trained={trained}"], train_file=data_args.downstream_train_file,
-        validation_file=data_args.downstream_validation_file, builtin_task=data_args.downstream_builtin_task,
-        text_column_name=data_args.downstream_text_column_name,
-        text_pair_column_name=data_args.downstream_text_pair_column_name,
-        label_column_name=data_args.downstream_label_column_name, seeds=data_args.downstream_seeds,
-        max_seq_length=data_args.max_seq_length or 128)
+        models=[f"{baseline_name(start)}={start}", f"trained={trained}"], train_file=check.downstream_train_file,
+        validation_file=check.downstream_validation_file, builtin_task=check.downstream_builtin_task,
+        text_column_name=check.downstream_text_column_name,
+        text_pair_column_name=check.downstream_text_pair_column_name,
+        label_column_name=check.downstream_label_column_name, seeds=check.downstream_seeds,
+        max_seq_length=max_seq_length or 128)
     finetuning = TrainingArguments(
-        output_dir=str(Path(trained) / "downstream"), learning_rate=data_args.downstream_learning_rate,
-        num_train_epochs=data_args.downstream_num_train_epochs,
-        per_device_train_batch_size=data_args.downstream_batch_size,
+        output_dir=str(Path(trained) / "downstream"), learning_rate=check.downstream_learning_rate,
+        num_train_epochs=check.downstream_num_train_epochs,
+        per_device_train_batch_size=check.downstream_batch_size,
         per_device_eval_batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed,
         report_to=[], disable_tqdm=training_args.disable_tqdm, use_cpu=training_args.use_cpu,
         logging_steps=training_args.logging_steps)

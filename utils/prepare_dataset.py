@@ -40,15 +40,17 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser, TrainingArguments
 
     # The run's own arguments: a prepared dataset is what that run would tokenize.
-    from run_mlm import DataTrainingArguments, ModelArguments
+    from run_mlm import DataTrainingArguments, DownstreamCheckArguments, ModelArguments
     from utils import data, modeling
     from utils import tokenizer as tokenizers
     from utils.args import parse_args
     from utils.logs import setup_tool_logging
 
     setup_tool_logging()  # run_mlm's format
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, PrepareArguments))
-    model_args, data_args, training_args, prepare_args = parse_args(parser, argv)
+    # run_mlm's args file as it is (its downstream_* keys are accepted, and do not apply here).
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, DownstreamCheckArguments, TrainingArguments,
+                               PrepareArguments))
+    model_args, data_args, _, training_args, prepare_args = parse_args(parser, argv)
     path = data_args.tokenized_dataset_path
     if path is None:
         raise UsageError("--tokenized_dataset_path: say where to write the prepared dataset")

@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 from datasets import Dataset, Features, IterableDataset, List, Value
 
-from utils.data import _non_blank, text_column_of, token_dtype
+from utils.data import BlockPacker, _non_blank, text_column_of, token_dtype
 from utils.encoding import encode_to_arrays, exact_copy, is_exact
 from utils.errors import UsageError
 from utils.masking import STREAM_POSITION
@@ -55,18 +55,16 @@ def iter_blocks(texts: Iterable[str], tokenizer, block_size: int, dtype: str | N
     dtype = dtype or token_dtype(len(tokenizer))
     if not is_exact(tokenizer):
         tokenizer = exact_copy(tokenizer)
-    carry = np.empty(0, dtype=dtype)
+    packer = BlockPacker(block_size)
     for batch in _batches(texts, texts_per_batch):
         texts_of_batch = _non_blank(batch)
         ids, _ = encode_to_arrays(texts_of_batch, tokenizer, dtype)
-        flat = np.concatenate([carry, ids]) if len(carry) else ids
-        n_blocks = len(flat) // block_size
-        carry = flat[n_blocks * block_size:].copy()
+        blocks = packer.add({"input_ids": ids})["input_ids"]
         if stats is not None:
             stats["texts"] = stats.get("texts", 0) + len(batch)
             stats["characters"] = stats.get("characters", 0) + sum(map(len, texts_of_batch))
-            stats["tokens_left"] = len(carry)
-        yield from flat[: n_blocks * block_size].reshape(n_blocks, block_size)
+            stats["tokens_left"] = packer.tokens_left
+        yield from blocks
 
 
 def iter_positioned_blocks(texts: Iterable[str], tokenizer, block_size: int, dtype: str,
@@ -80,7 +78,7 @@ def iter_positioned_blocks(texts: Iterable[str], tokenizer, block_size: int, dty
     """
     if not is_exact(tokenizer):
         tokenizer = exact_copy(tokenizer)
-    carry = np.empty(0, dtype=dtype)
+    packer = BlockPacker(block_size)
     # (text index, first token's offset in the stream) of the texts from the first one the carry holds.
     starts: list[tuple[int, int]] = []
     total = 0  # tokens in the stream so far, the dropped ones included
@@ -93,16 +91,13 @@ def iter_positioned_blocks(texts: Iterable[str], tokenizer, block_size: int, dty
         if total <= drop_tokens:
             raise ValueError(f"cannot resume {drop_tokens} tokens into a text of {total}")
         fresh = ids[max(drop_tokens - (total - len(ids)), 0):]
-        flat = np.concatenate([carry, fresh]) if len(carry) else fresh
-        n_blocks = len(flat) // block_size
+        blocks = packer.add({"input_ids": fresh})["input_ids"]
         offsets_in_stream = np.array([start for _, start in starts] + [total])
-        for j in range(n_blocks):
+        for j, block in enumerate(blocks):
             end = flat_start + (j + 1) * block_size
             k = int(np.searchsorted(offsets_in_stream, end, side="right")) - 1
-            yield flat[j * block_size:(j + 1) * block_size], ((index, 0) if k == len(starts)
-                                                                else (starts[k][0], end - starts[k][1]))
-        carry = flat[n_blocks * block_size:].copy()
-        flat_start += n_blocks * block_size
+            yield block, (index, 0) if k == len(starts) else (starts[k][0], end - starts[k][1])
+        flat_start += len(blocks) * block_size
         starts = [start for k, start in enumerate(starts) if offsets_in_stream[k + 1] > flat_start]
         drop_tokens = 0 if total > drop_tokens else drop_tokens
 
