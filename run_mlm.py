@@ -31,7 +31,19 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import budget, data, distributed, downstream, metrics, modeling, prepared, recipe, streaming, xla
+from utils import (
+    budget,
+    data,
+    distributed,
+    downstream,
+    effective_args,
+    metrics,
+    modeling,
+    prepared,
+    recipe,
+    streaming,
+    xla,
+)
 from utils import tokenizer as tokenizers
 from utils.args import configure_help, given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, finished_run, locked_output_dir
@@ -46,7 +58,7 @@ from utils.mlm_head import install_mlm_head
 from utils.model_card import non_default_args, write_model_card, write_run_args
 from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
-from utils.precision import PRECISIONS, apply_precision, gemm_shapes
+from utils.precision import PRECISIONS, gemm_shapes
 from utils.segments import RunSegments
 from utils.tokenizer_kinds import KINDS, choose
 from utils.training import (
@@ -457,42 +469,46 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         if command_line:
             distributed.leave_process_group()
         return {}
-    if "report_to" not in given_keys(argv) and importlib.util.find_spec("tensorboard") is not None:
-        training_args.report_to = ["tensorboard"]  # on by default when installed (--report_to none to turn off)
 
-    # 2. Logging (one summary per process, details from the main process only), precision
-    #    (bf16 where it is faster on this hardware: on a CPU, timed at the model's own matrix
-    #    shapes, once per machine), and on XLA (TPU) the settings that keep shapes static, so
-    #    that the graph compiles once.
+    # 2. Logging (one summary per process, details from the main process only), and where a
+    #    run in output_dir left off: an explicit --resume_from_checkpoint, or its last checkpoint.
     setup_logging(training_args)
     threads = distributed.fit_cpu_threads(training_args)
     if threads:
         logger.info("CPU: %s", threads)
-    apply_precision(training_args, model_args.precision, precision_shapes(model_args, data_args, training_args),
-                    run_cache_dir(model_args.cache_dir))
-    log_process(training_args)
-    if xla.on_xla(training_args):
-        for change in xla.adapt_for_xla(training_args, data_args):
-            logger.info("XLA: set %s", change)
-        logger.warning("XLA: %s", xla.nonfinite_check_note(model_args.nonfinite_loss))
-    # What the user set, one per line (the rest are the defaults `--help` lists).
-    logger.info("Arguments (the others at their defaults):\n%s",
-                "\n".join(f"  {name}: {value}" for name, value in run_args.items()))
-
-    # 3. Resume: an explicit --resume_from_checkpoint, or the last checkpoint in output_dir.
     checkpoint = find_resume_checkpoint(training_args)
+    who = distributed.processes(training_args)
+    stream_position = streaming.load_position(checkpoint, who.rank, who.world) if data_args.streaming else None
 
     # A time budget: the learning-rate schedule runs over the elapsed time and training stops
     # at the deadline (a resume goes on with the time its checkpoint recorded).
-    time_budget = None
+    time_budget = other_limit = None
     if model_args.max_train_time:
         time_budget = budget.TimeBudget(budget.parse_duration(model_args.max_train_time),
                                         budget.TimeBudget.load(checkpoint))
         other_limit = (f"step {training_args.max_steps}" if training_args.max_steps > 0
                        else f"{training_args.num_train_epochs:g} epochs" if "num_train_epochs" in given_keys(argv)
                        else None)
-        if other_limit is None:
-            training_args.max_steps = budget.UNBOUNDED_STEPS
+
+    # 3. The effective arguments, settled in one place (utils/effective_args.py): the precision
+    #    (bf16 where it is faster on this hardware: on a CPU, timed at the model's own matrix
+    #    shapes, once per machine), on XLA (TPU) the settings that keep shapes static so that
+    #    the graph compiles once, the time budget's end, streaming's shards, the Trainer's
+    #    settings for this pipeline. Logged once here, saved with the run.
+    settled = effective_args.settle(
+        model_args, data_args, training_args,
+        tensorboard_default="report_to" not in given_keys(argv) and importlib.util.find_spec("tensorboard") is not None,
+        time_budget_only=time_budget is not None and other_limit is None, stream_resumed=bool(stream_position),
+        precision_shapes=precision_shapes(model_args, data_args, training_args),
+        cache_dir=run_cache_dir(model_args.cache_dir))
+    log_process(training_args)
+    if xla.on_xla(training_args):
+        logger.warning("XLA: %s", xla.nonfinite_check_note(model_args.nonfinite_loss))
+    # What the user set, one per line (the rest are the defaults `--help` lists), then what this script changed.
+    logger.info("Arguments (the others at their defaults):\n%s\nSet by this script (saved in %s):\n%s",
+                "\n".join(f"  {name}: {value}" for name, value in run_args.items()),
+                effective_args.EFFECTIVE_ARGS_FILE, settled.describe())
+    if time_budget:
         logger.info("Time budget: %s", budget.describe(time_budget, training_args, other_limit))
 
     # 4. Seed everything before any random initialisation.
@@ -543,24 +559,21 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     on_xla = xla.on_xla(training_args)
     slots = prediction_slots(data_args, max_seq_length, fixed_slot_head=on_xla and model_args.sparse_prediction)
     collator = build_collator(tokenizer, data_args, training_args, max_predictions=slots)
-    who = distributed.processes(training_args)
     train_dataset = eval_dataset = None
     if data_args.streaming:
         # A resume starts each share of the stream where the checkpoint says, instead of the
-        # Trainer reading (and tokenizing) every batch it skips.
-        position = streaming.load_position(checkpoint, who.rank, who.world)
+        # Trainer reading (and tokenizing) every batch it skips. Each process reads its own
+        # shard of the stream (the default would have rank 0 read for all).
+        position = stream_position
         train_dataset, eval_dataset = streaming.streaming_datasets(
             raw_datasets, tokenizer, data_args, max_seq_length, n_parts=who.world, do_eval=training_args.do_eval,
             start={who.rank: position} if position else None,
         )
         if position:
-            training_args.ignore_data_skip = True
             distributed.process_logger.info(
                 "Process %d of %d resumes its share of the stream at text %d, token %d (pass %d), from %s: the "
                 "texts before it are skipped untokenized", who.rank, who.world, position[2], position[3],
                 position[0] + 1, checkpoint)
-        # Each process reads its own shard of the stream (the default would have rank 0 read for all).
-        training_args.accelerator_config.dispatch_batches = False
         if who.world > 1 and raw_datasets is not None and "train" in raw_datasets:
             distributed.process_logger.info("Process %d of %d streams its own share of the training text: %s",
                                             who.rank, who.world,
@@ -686,6 +699,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                 logger.info("No loss plot: %s", e)
                 plot = None
             write_run_args(training_args.output_dir, run_args)
+            effective_args.save(training_args.output_dir, settled, model_args, data_args, downstream_args,
+                                training_args)
             write_model_card(
                 training_args.output_dir, trainer.model, model_args, data_args, training_args, trainer.state, results,
                 max_seq_length, tokenizer_source, tokenizer.mask_token, sys.argv[1:] if argv is None else argv,

@@ -236,10 +236,11 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
         from utils.masking import build_collator
         from utils.mlm_head import install_mlm_head
         from utils.precision import apply_precision, gemm_shapes
-        from utils.training import build_trainer
+        from utils.training import adjust_training_args, build_trainer
 
         args = TrainingArguments(**common)
         apply_precision(args, settings["precision"], gemm_shapes(model.config, BATCH * SEQ))
+        adjust_training_args(args)  # as run_mlm's utils.effective_args.settle does
         train, evaluation = load_from_disk(data / "train"), load_from_disk(data / "eval")
         data_args = SimpleNamespace(mlm_probability=MLM_PROBABILITY, mask_replace_prob=0.8, random_replace_prob=0.1,
                                     whole_word_mask=False, pad_to_multiple_of=None)

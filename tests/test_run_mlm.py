@@ -215,7 +215,8 @@ def test_the_log_opens_with_a_readable_summary(corpus, tmp_path, caplog):
     # Issue #31: "WARNING run_mlm: Process rank 0 of 1 ..." on every run read as a problem, and
     # the arguments were two dataclass dumps of a few thousand characters on one line each.
     with caplog.at_level(logging.INFO):
-        main(tiny_run_args(tmp_path / "out", corpus, "--max_steps", "2", "--do_eval", "false"))
+        main(tiny_run_args(tmp_path / "out", corpus, "--max_steps", "2", "--do_eval", "false", "--token",
+                           "hf_SECRET123"))
     summary = [r for r in caplog.records if r.getMessage().startswith("Process rank 0 of 1, device cpu")]
     assert len(summary) == 1 and summary[0].levelname == "INFO"
     arguments = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Arguments (the others")]
@@ -224,6 +225,16 @@ def test_the_log_opens_with_a_readable_summary(corpus, tmp_path, caplog):
     assert "  max_steps: 2" in lines and "  model_type: bert" in lines and f"  train_file: ['{corpus}']" in lines
     assert all(len(line) < 200 for line in lines) and "  do_train: True" in lines
     assert "ModelArguments(" not in caplog.text and "DataTrainingArguments(" not in caplog.text
+    # Issue #30: what the script changed in the parsed arguments, listed once, each with why,
+    # and saved with every effective value.
+    changed = arguments[0].split("Set by this script (saved in effective_args.json):\n")[1].splitlines()
+    assert "  remove_unused_columns: True -> False (the MLM pipeline (utils.training.adjust_training_args))" \
+        in changed
+    saved = json.loads((tmp_path / "out" / "effective_args.json").read_text())
+    assert saved["changed_by_this_script"] == [line[2:] for line in changed]
+    assert saved["TrainingArguments"]["remove_unused_columns"] is False and saved["TrainingArguments"]["max_steps"] == 2
+    assert saved["ModelArguments"]["model_type"] == "bert" and "DownstreamCheckArguments" in saved
+    assert "hf_SECRET123" not in (tmp_path / "out" / "effective_args.json").read_text() + caplog.text
 
 
 def test_a_block_longer_than_the_models_positions_is_refused_before_any_tokenizer_is_trained(corpus, tmp_path,

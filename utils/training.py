@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def adjust_training_args(training_args) -> None:
-    """Settings this script chooses unless the user did, each for a stated reason."""
+    """What the Trainer must do for this MLM pipeline, each for a stated reason (utils.effective_args.settle
+    calls it with the other changes; utils.downstream for its fine-tuning)."""
     if training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     # Every parameter of an MLM takes part in every step, so DDP's search for unused
@@ -378,8 +379,10 @@ class MLMTrainer(XLAAutocast, Trainer):
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
                   callbacks=None, tokens_per_step: int | None = None) -> Trainer:
-    """A Trainer for a model whose forward computes the MLM loss (see `utils.mlm_head.install_mlm_head`)."""
-    adjust_training_args(training_args)
+    """A Trainer for a model whose forward computes the MLM loss (see `utils.mlm_head.install_mlm_head`).
+
+    `training_args` as `utils.effective_args.settle` left them (it applies `adjust_training_args`).
+    """
     accuracy = MaskedAccuracy() if eval_dataset is not None else None
     callbacks = [*(callbacks or []), *([accuracy] if accuracy else [])]
     trainer = MLMTrainer(
