@@ -119,26 +119,12 @@ def adapt(work: Path, name: str, steps: int) -> dict:
 
 def score(work: Path, model_dir: str, text: str = "domain_eval.txt", seed: int = 1234) -> float:
     """Mean loss over the seeded 15% masked tokens of the held-out text, packed into blocks of SEQ."""
-    import numpy as np
-    import torch
-    from fixed_masks import seeded_masks
+    from fixed_masks import masked_scores, seeded_masks, text_blocks
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(work / "base")
-    lines = [line for line in (work / text).read_text(encoding="utf-8").splitlines() if line]
-    ids = np.concatenate([np.asarray(x) for x in tokenizer(lines, verbose=False)["input_ids"]])
-    blocks = torch.as_tensor(ids[: len(ids) // SEQ * SEQ].reshape(-1, SEQ), dtype=torch.long)
-    inputs, labels = seeded_masks(blocks, tokenizer, seed)
-    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for start in range(0, len(blocks), 64):
-            logits = model(input_ids=inputs[start:start + 64]).logits.float()
-            target = labels[start:start + 64]
-            kept = target != -100
-            total += torch.nn.functional.cross_entropy(logits[kept], target[kept], reduction="sum").item()
-            count += kept.sum().item()
-    return total / count
+    inputs, labels = seeded_masks(text_blocks(tokenizer, work / text, SEQ), tokenizer, seed)
+    return masked_scores(AutoModelForMaskedLM.from_pretrained(model_dir).eval(), inputs, labels)["loss"]
 
 
 def downstream(work: Path, seeds: int) -> dict:

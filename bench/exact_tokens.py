@@ -136,7 +136,7 @@ def train(code: Path, paths: dict, output_dir: Path, seed: int, steps: int) -> f
 def score(model_dirs: list[Path], paths: dict, seed: int = 1234) -> list[float]:
     """MLM loss of each model on the same held-out blocks and the same masks."""
     import torch
-    from fixed_masks import seeded_masks
+    from fixed_masks import masked_scores, seeded_masks
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["checkpoint"])  # the wrapper: exact ids, no padding
@@ -147,15 +147,7 @@ def score(model_dirs: list[Path], paths: dict, seed: int = 1234) -> list[float]:
     losses = []
     for model_dir in model_dirs:
         model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(blocks), 32):
-                logits = model(input_ids=inputs[start:start + 32]).logits
-                batch_labels = labels[start:start + 32]
-                total += torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), batch_labels.view(-1),
-                                                           reduction="sum").item()
-                count += int((batch_labels != -100).sum())
-        losses.append(total / count)
+        losses.append(masked_scores(model, inputs, labels, batch_size=32)["loss"])
     return losses
 
 

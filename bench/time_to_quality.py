@@ -89,15 +89,6 @@ def prepare(work: Path) -> None:
     tokenizer.save_pretrained(work / "tokenizer")
 
 
-def blocks(tokenizer, path: Path):
-    """The text of `path` tokenized line by line and packed into blocks of SEQ (as both scripts do)."""
-    import numpy as np
-
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
-    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in tokenizer(lines, verbose=False)["input_ids"]])
-    return ids[: len(ids) // SEQ * SEQ].reshape(-1, SEQ)
-
-
 # -- The reference ------------------------------------------------------------------------------------
 
 
@@ -115,7 +106,9 @@ def reference(work: Path, steps: int, seed: int) -> dict:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
-    train = blocks(tokenizer, work / "train.txt")
+    from fixed_masks import text_blocks
+
+    train = text_blocks(tokenizer, work / "train.txt", SEQ).numpy()  # as both scripts pack it
     special = torch.isin(torch.as_tensor(train), torch.tensor(tokenizer.all_special_ids)).to(torch.int8).numpy()
     # The reference's group_texts keeps every column the tokenizer returned.
     dataset = Dataset.from_dict({"input_ids": train, "token_type_ids": train * 0, "attention_mask": train * 0 + 1,
@@ -165,24 +158,14 @@ def project(work: Path, name: str, seconds: float, flags: list[str], seed: int) 
 
 def score(work: Path, model_dir: str, seed: int = 1234) -> dict:
     """Masked-token loss and accuracy on the held-out blocks, with the same 15% masks for every model."""
-    import torch
-    from fixed_masks import seeded_masks
+    from fixed_masks import masked_scores, seeded_masks, text_blocks
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
-    ids = torch.as_tensor(blocks(tokenizer, work / "eval.txt"))
+    ids = text_blocks(tokenizer, work / "eval.txt", SEQ)
     inputs, labels = seeded_masks(ids, tokenizer, seed)
     model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
-    total = correct = count = 0.0
-    with torch.no_grad():
-        for start in range(0, len(ids), 64):
-            logits = model(input_ids=inputs[start:start + 64]).logits
-            target = labels[start:start + 64]
-            kept = target != -100
-            total += torch.nn.functional.cross_entropy(logits[kept], target[kept], reduction="sum").item()
-            correct += (logits[kept].argmax(-1) == target[kept]).sum().item()
-            count += kept.sum().item()
-    return {"loss": total / count, "accuracy": correct / count, "tokens": int(count), "blocks": len(ids)}
+    return {**masked_scores(model, inputs, labels), "blocks": len(ids)}
 
 
 def fill_mask(model_dir: str) -> str:
