@@ -46,6 +46,7 @@ from utils import (
 )
 from utils import tokenizer as tokenizers
 from utils.args import configure_help, given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
+from utils.backend import Backend
 from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, finished_run, locked_output_dir
 from utils.corpus import BUILTIN_CORPORA, run_cache_dir
 from utils.cpu import speed_up_for_cpu
@@ -411,7 +412,7 @@ ARGUMENT_GROUPS = (ModelArguments, DataTrainingArguments, DownstreamCheckArgumen
 
 def precision_shapes(model_args, data_args, training_args) -> list[tuple[int, int, int]] | None:
     """The model's big matrix products for one training batch, to time bf16 against fp32 on a CPU."""
-    if training_args.device.type != "cpu" or model_args.precision != "auto":
+    if not Backend.of(training_args).times_precision or model_args.precision != "auto":
         return None
     config = modeling.load_config(model_args)
     tokens = training_args.per_device_train_batch_size * (data_args.max_seq_length or 128)
@@ -556,7 +557,8 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     #    collator: the Trainer masks each step's batches by (seed, step, row of the global batch)
     #    only, whatever the data loader's workers or a resume did. On XLA the sparse head has a
     #    fixed number of prediction slots per block, and the masking selects at most that many.
-    on_xla = xla.on_xla(training_args)
+    backend = Backend.of(training_args)  # what differs on a CPU, a GPU, XLA
+    on_xla = backend.xla
     slots = prediction_slots(data_args, max_seq_length, fixed_slot_head=on_xla and model_args.sparse_prediction)
     collator = build_collator(tokenizer, data_args, training_args, max_predictions=slots)
     train_dataset = eval_dataset = None
@@ -611,9 +613,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     model = modeling.build_model(model_args, config, tokenizer, attention)
     logger.info("MLM head: %s", install_mlm_head(model, sparse=model_args.sparse_prediction,
                                                  slots=slots if on_xla else None))
-    # Not for a sharded model: its layers hold shards that the CPU paths do not expect (on
-    # GPUs, where sharding is meant for, they never run).
-    if training_args.device.type == "cpu" and not distributed.sharding(training_args):
+    if backend.cpu_kernels:
         for change in speed_up_for_cpu(model, reuse_memory=command_line):
             logger.info("CPU: %s", change)
     untrained = None

@@ -346,6 +346,10 @@ def test_tied_gradient_equals_autograds_sum(sparse, autocast):
     assert share_tied_gradient(fast) and not share_tied_gradient(tiny_tied_bert(tie_word_embeddings=False))
     weight = fast.get_input_embeddings().weight
     assert weight is fast.get_output_embeddings().weight  # still one tied Parameter
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    shown = repr(fast)  # the two modules that share the gradient say so
+    assert "(word_embeddings): TiedEmbedding(300, 32, padding_idx=0, gradient rows added into" in shown
+    assert "(decoder): TiedProjection(in_features=32, out_features=300, bias=True, weight gradient handed" in shown
     accumulated = []  # DDP reduces a gradient when it is accumulated: that must happen once per backward
     weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
     for model in (plain, fast):

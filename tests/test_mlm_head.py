@@ -1,10 +1,12 @@
 """Sparse prediction: the head and the last layer on masked positions only give the dense head's loss and gradients."""
 
 import contextlib
+import json
+from copy import deepcopy
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoConfig, AutoModelForMaskedLM
+from transformers import AttentionInterface, AutoConfig, AutoModelForMaskedLM, BertForMaskedLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from utils.cpu import speed_up_for_cpu
@@ -213,6 +215,40 @@ def test_forward_keeps_the_models_signature(sparse):
     install_mlm_head(model, sparse=sparse)
     parameters = inspect.signature(model.forward).parameters
     assert {"input_ids", "attention_mask", "token_type_ids", "labels"} <= set(parameters)
+
+
+def test_the_head_shows_in_print_and_saves_as_the_familys_own_checkpoint(tmp_path):
+    ids, mask, labels = batch()
+    model = tiny("bert")
+    install_mlm_head(model)
+    shown = repr(model)
+    assert shown.startswith("SparseBertForMaskedLM(\n  MLM head on masked positions only")
+    assert "(1): BertLayerAtMaskedPositions(\n" in shown and "(0): BertLayer(\n" in shown
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert type(reloaded) is BertForMaskedLM
+    install_mlm_head(reloaded)
+    assert torch.allclose(reloaded(input_ids=ids, attention_mask=mask, labels=labels).loss, loss, atol=1e-6)
+    with pytest.raises(ValueError, match="already has its MLM head"):
+        install_mlm_head(model)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "modernbert"])
+def test_a_copy_of_the_model_runs_on_its_own_weights(model_type):
+    # nn.DataParallel's replicas and deepcopy copy the modules: the forward of the copy must
+    # use the copy's encoder and layers, not the original's.
+    ids, mask, labels = batch()
+    model = tiny(model_type)
+    install_mlm_head(model)
+    copy = deepcopy(model)
+    before = copy(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    assert torch.equal(copy(input_ids=ids, attention_mask=mask, labels=labels).loss, before)
+    assert not torch.allclose(model(input_ids=ids, attention_mask=mask, labels=labels).loss, before)
 
 
 # --- fixed prediction slots (the XLA head) ---------------------------------------------------------------

@@ -215,6 +215,16 @@ class TiedEmbedding(nn.Embedding):
 
     tied: TiedGradient
 
+    @classmethod
+    def sharing(cls, lookup: nn.Embedding, tied: TiedGradient) -> TiedEmbedding:
+        """A TiedEmbedding holding `lookup`'s own weight Parameter (the tie, the optimizer's and checkpoints' key)."""
+        new = cls(lookup.num_embeddings, lookup.embedding_dim, lookup.padding_idx, device="meta")
+        new.weight, new.tied = lookup.weight, tied
+        return new.train(lookup.training)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", gradient rows added into the tied output projection's"
+
     def forward(self, ids):
         self.tied.armed = _fast_path(self.weight)
         if not self.tied.armed:
@@ -228,6 +238,16 @@ class TiedProjection(nn.Linear):
 
     tied: TiedGradient
 
+    @classmethod
+    def sharing(cls, projection: nn.Linear, tied: TiedGradient) -> TiedProjection:
+        """A TiedProjection holding `projection`'s own weight and bias Parameters."""
+        new = cls(projection.in_features, projection.out_features, projection.bias is not None, device="meta")
+        new.weight, new.bias, new.tied = projection.weight, projection.bias, tied
+        return new.train(projection.training)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", weight gradient handed to the tied embedding"
+
     def forward(self, hidden):
         # Only on a graph whose lookup will take the gradient, so that none is left behind.
         if not (self.tied.armed and _fast_path(self.weight)):
@@ -239,7 +259,9 @@ def share_tied_gradient(model) -> bool:
     """Route the tied vocabulary matrix's two gradients into one tensor; False where it does not apply.
 
     Applies to an nn.Embedding tied to an nn.Linear output projection (the same
-    Parameter), with none of the lookup options that change its gradient. The weight
+    Parameter), with none of the lookup options that change its gradient. The two modules
+    are replaced by a TiedEmbedding and a TiedProjection holding the same Parameters (so the
+    state dict and the tie are unchanged; `print(model)` shows them). The weight
     still gets one gradient, at the lookup's backward (the last of the step), so DDP
     and gradient accumulation see an ordinary parameter.
     """
@@ -249,8 +271,12 @@ def share_tied_gradient(model) -> bool:
             or projection.weight is not lookup.weight or lookup.max_norm is not None
             or lookup.scale_grad_by_freq or lookup.sparse):
         return False
-    lookup.__class__, projection.__class__ = TiedEmbedding, TiedProjection
-    lookup.tied = projection.tied = TiedGradient()
+    tied = TiedGradient()
+    replacements = {lookup: TiedEmbedding.sharing(lookup, tied), projection: TiedProjection.sharing(projection, tied)}
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if child in replacements:
+                setattr(module, name, replacements[child])
     return True
 
 

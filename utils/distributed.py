@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from utils.backend import Backend
 from utils.errors import UsageError, let_collectives_settle
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def processes(training_args) -> Processes:
     should_log then silences the only process there is); it counts as the first here.
     """
     world = training_args.world_size
-    backend = "single" if world <= 1 else "xla" if training_args.device.type == "xla" else "torch"
+    backend = "single" if world <= 1 else "xla" if Backend.of(training_args).xla else "torch"
     return Processes(training_args.process_index, max(training_args.local_process_index, 0), world, backend)
 
 
@@ -103,7 +104,7 @@ def fit_cpu_threads(training_args) -> str | None:
     user (OMP_NUM_THREADS) is kept.
     """
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local <= 1 or training_args.device.type != "cpu":
+    if local <= 1 or not Backend.of(training_args).cpu:
         return None
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, usable // local)
@@ -134,16 +135,6 @@ def check_process_group(training_args) -> None:
             "--config_file accelerate_configs/multi_gpu.yaml run_mlm.py ...`, or pick one GPU with "
             "CUDA_VISIBLE_DEVICES=0"
         )
-
-
-def sharding(training_args) -> str | None:
-    """"FSDP" or "DeepSpeed" when the model will be sharded across processes (known before the Trainer
-    exists: the --fsdp/--deepspeed flags, or the environment `accelerate launch` sets from its config)."""
-    if training_args.deepspeed_plugin is not None:
-        return "DeepSpeed"
-    if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        return "FSDP"
-    return None
 
 
 def _group():

@@ -4,8 +4,12 @@ Only ~15% of positions carry a label, yet transformers' MLM models project every
 onto the vocabulary; for a 6-layer, 384-wide BERT with a 30522-token vocabulary that dense
 head is more than half of the training FLOPs. Here the encoder's hidden states at masked
 positions alone go through the head and the loss. The loss is the same number (a test
-compares it with the dense head's), the modules and weights are untouched, so checkpoints
-stay ordinary transformers checkpoints.
+compares it with the dense head's).
+
+`install_mlm_head` makes the model an instance of a subclass of its own class
+(`SparseBertForMaskedLM`, printed so by `print(model)`), whose forward is a method: no
+closures on instances, nothing that depends on call order, right in `nn.DataParallel`
+replicas. Parameters, state dict and saved checkpoints are the family's own.
 
 The last encoder layer goes further: what it computes at a position feeds only that
 position's output, so for the masked positions' outputs it needs keys and values at every
@@ -33,6 +37,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import apply_chunking_to_forward
@@ -79,17 +84,60 @@ NATIVE_SPARSE = {"ModernBertForMaskedLM"}
 _ENCODER_INPUTS = ("token_type_ids", "position_ids", "inputs_embeds")
 
 
-def _with_our_loss(original):
-    """The model's own forward, with our loss: summed over labelled tokens / num_items_in_batch."""
+MASKED_POSITIONS = "masked_positions"  # the keyword the encoder hands its layers (see MaskedPositionsLayer)
+_CLASSES: dict[tuple[type, type], type] = {}
 
-    @functools.wraps(original)  # the Trainer keeps dataset columns named in forward's signature
-    def forward(*args, labels=None, num_items_in_batch=None, **kwargs):
-        outputs = original(*args, **kwargs)
+
+def _subclass(base: type, mixin: type, shown_as: str) -> type:
+    """`base` with `mixin`'s behaviour, printed as `shown_as`; one class per (base, mixin).
+
+    The class keeps its family's `__name__`: transformers writes that name into a saved
+    checkpoint's `architectures` and reads it for the loss type, so checkpoints stay the
+    family's own. `print(model)` shows `shown_as` (nn.Module's `_get_name`).
+    """
+    if (base, mixin) not in _CLASSES:
+        # `family`: the class it came from, which torch's fully_shard renames (FSDP<name>) in turn.
+        namespace = {"__module__": __name__, "__qualname__": shown_as, "shown_as": shown_as, "family": base.__name__}
+        if "forward" in mixin.__dict__:
+            # The Trainer reads the model's argument names from forward's signature.
+            namespace["forward"] = functools.wraps(base.forward)(
+                lambda self, *args, **kwargs: mixin.forward(self, *args, **kwargs))
+        _CLASSES[base, mixin] = type(base.__name__, (mixin, base), namespace)
+    return _CLASSES[base, mixin]
+
+
+class MLMHead:
+    """What every model given an MLM head by `install_mlm_head` shares: its name in print(model), its settings."""
+
+    shown_as: str
+    family: str
+    mlm_slots: int | None = None  # XLA's fixed number of prediction slots per row (None: as many as masked)
+    mlm_last_layer: bool = False  # the last encoder layer computes the masked positions only
+
+    def _get_name(self):
+        return type(self).__name__.replace(self.family, self.shown_as)  # FSDPBertForMaskedLM: FSDPSparseBert...
+
+
+class MLMLoss(MLMHead):
+    """A masked LM whose loss, given labels, is summed over masked tokens / `num_items_in_batch`; the head runs on
+    every position."""
+
+    def extra_repr(self) -> str:
+        return "MLM head on every position; loss summed over masked tokens / their count in the global batch"
+
+    def forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
+        outputs = super().forward(*args, **kwargs)
         if labels is not None:
             outputs["loss"] = masked_lm_loss(outputs["logits"], labels, num_items_in_batch)
         return outputs
 
-    return forward
+
+class NativeSparseMLM(MLMHead):
+    """A model whose own forward predicts masked positions only (ModernBERT's `sparse_prediction`) and divides by
+    `num_items_in_batch` itself."""
+
+    def extra_repr(self) -> str:
+        return "MLM head on masked positions only (the model's own sparse_prediction)"
 
 
 @dataclass
@@ -107,36 +155,45 @@ def labelled_slots(selected: torch.Tensor, slots: int) -> tuple[torch.Tensor, to
     return positions, torch.arange(slots, device=selected.device) < selected.sum(dim=1, keepdim=True)
 
 
-def _sparse(original, encoder, head, last_layer=None, slots: int | None = None):
-    """Encoder on all positions, head and loss on the labelled ones; logits are (masked tokens, vocab).
+# Attention functions that take fewer queries than keys with the model's own mask; the
+# FlashAttention kernels unpad queries and keys with one 2D mask, so they keep the full layer.
+_SUBSET_ATTENTION = {"eager", "sdpa", ATTENTION_NAME}
 
-    With `last_layer` (a `LabelledPositions`), the encoder's last layer runs its queries
-    on the labelled positions only and returns their states. With `slots` (on XLA), every
-    row has that many prediction slots: the same shapes whatever was masked.
+
+class SparseMLM(MLMLoss):
+    """A masked LM whose head and loss, given labels, run on the labelled positions only.
+
+    The encoder runs on all positions; with `mlm_last_layer`, its last layer (a
+    `MaskedPositionsLayer`) is handed the labelled positions and computes its output there
+    only. With `mlm_slots` (XLA), every row has that many prediction slots: the same shapes
+    whatever was masked. Logits are (masked tokens, vocab), or (rows, slots, vocab) with slots.
     """
-    dense = _with_our_loss(original)
 
-    @functools.wraps(original)
-    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+    def extra_repr(self) -> str:
+        where = f"{self.mlm_slots} prediction slots per row" if self.mlm_slots else "masked positions only"
+        return f"MLM head on {where}; loss summed over masked tokens / their count in the global batch"
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        slots = self.mlm_slots
         if labels is None or (labels.device.type == "xla" and slots is None):
-            return dense(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         num_items_in_batch=num_items_in_batch, **kwargs)
+            return MLMLoss.forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   num_items_in_batch=num_items_in_batch, **kwargs)
+        encoder, head = FAMILIES[self.family](self)
         inputs = {k: v for k, v in kwargs.items() if k in _ENCODER_INPUTS}
         selected = labels != -100
-        use_layer = last_layer is not None and last_layer.usable()
+        use_layer = self.mlm_last_layer and self.config._attn_implementation in _SUBSET_ATTENTION
+        valid = None
         if slots is not None:
             positions, valid = labelled_slots(selected, slots)
             if use_layer:
-                last_layer.positions = positions
-        else:
-            valid = last_layer.set(selected) if use_layer else None
-        try:
-            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)[0]
-        finally:
-            if last_layer is not None:
-                last_layer.positions = None
+                inputs[MASKED_POSITIONS] = positions
+        elif use_layer:
+            most = int(selected.sum(dim=1).max())
+            if most:  # nothing labelled: the full layer, whose outputs go nowhere
+                inputs[MASKED_POSITIONS], valid = labelled_slots(selected, most)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)[0]
         if slots is not None:
-            if not use_layer:  # (rows, length, hidden) -> (rows, slots, hidden)
+            if MASKED_POSITIONS not in inputs:  # (rows, length, hidden) -> (rows, slots, hidden)
                 hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
             logits = head(hidden)
             targets = labels.gather(1, positions).masked_fill(~valid, -100)
@@ -147,12 +204,7 @@ def _sparse(original, encoder, head, last_layer=None, slots: int | None = None):
         loss = masked_lm_loss(logits, labels[selected], num_items_in_batch, all_labelled=True)
         return MaskedLMOutput(loss=loss, logits=logits)
 
-    return forward
 
-
-# Attention functions that take fewer queries than keys with the model's own mask; the
-# FlashAttention kernels unpad queries and keys with one 2D mask, so they keep the full layer.
-_SUBSET_ATTENTION = {"eager", "sdpa", ATTENTION_NAME}
 # What the encoder hands its layers for cross-attention and caches, not for the attention function.
 _LAYER_ONLY = {"encoder_hidden_states", "encoder_attention_mask", "past_key_values"}
 
@@ -184,77 +236,72 @@ LAYERS = {name: _bert_layer for name in ("BertLayer", "RobertaLayer", "XLMRobert
 LAYERS["TransformerBlock"] = _distilbert_layer
 
 
-class LabelledPositions:
-    """The encoder's last layer, patched to compute its output at the labelled positions only.
+class MaskedPositionsLayer:
+    """An encoder layer that, handed `masked_positions` (rows, M), computes its output there only.
 
-    `set(selected)` stores, per row, the labelled positions padded to the row with the most
-    (B, M); the next call of the layer returns (B, M, hidden) states at those positions, of
-    which the returned (B, M) mask keeps the real ones, in the order of `hidden[selected]`
-    (None, and nothing stored, when no position is labelled).
-    Without stored positions (no labels, generation, pipelines) the layer is its usual self.
+    What a post-LayerNorm layer computes at a position feeds only that position's output, so
+    for the masked positions it needs keys and values at every position, but queries,
+    attention output, feed-forward and LayerNorms at those M alone; it returns (rows, M,
+    hidden). The positions come as a keyword through the encoder (transformers hands its
+    layers the model's extra keywords), so nothing is stored on the module. Without them
+    (no labels, generation, pipelines) the layer is its family's own.
     """
 
-    def __init__(self, layer, parts):
-        self.positions = None
-        self.query, self.key, self.value, self.attention, self.finish = parts
-        full = layer.forward
+    shown_as: str
+    family: str
 
-        @functools.wraps(full)
-        def forward(hidden_states, attention_mask=None, *args, **kwargs):
-            if self.positions is None:
-                return full(hidden_states, attention_mask, *args, **kwargs)
-            return self.forward(hidden_states, attention_mask, **kwargs)
+    def _get_name(self):
+        return type(self).__name__.replace(self.family, self.shown_as)  # FSDPBertForMaskedLM: FSDPSparseBert...
 
-        layer.forward = forward
+    def extra_repr(self) -> str:
+        return "given masked_positions: queries, attention output and feed-forward there only"
 
-    def usable(self) -> bool:
-        return self.attention.config._attn_implementation in _SUBSET_ATTENTION
-
-    def set(self, selected: torch.Tensor) -> torch.Tensor | None:
-        counts = selected.sum(dim=1)
-        most = int(counts.max())
-        if most == 0:  # nothing labelled: the full layer, whose outputs go nowhere
-            return None
-        self.positions, valid = labelled_slots(selected, most)
-        return valid
-
-    def forward(self, hidden, mask, **kwargs):
-        positions, (rows, length, width) = self.positions, hidden.shape
+    def forward(self, hidden_states, attention_mask=None, *args, masked_positions=None, **kwargs):
+        if masked_positions is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        query_proj, key_proj, value_proj, attention, finish = LAYERS[self.family](self)
+        positions, (rows, length, width) = masked_positions, hidden_states.shape
         picked = positions.size(1)
-        inputs = hidden.gather(1, positions[..., None].expand(rows, picked, width))
-        head_size = self.attention.attention_head_size
-        heads = self.query.out_features // head_size
-        query = self.query(inputs).view(rows, picked, heads, head_size).transpose(1, 2)
-        key = self.key(hidden).view(rows, length, heads, head_size).transpose(1, 2)
-        value = self.value(hidden).view(rows, length, heads, head_size).transpose(1, 2)
+        inputs = hidden_states.gather(1, positions[..., None].expand(rows, picked, width))
+        head_size = attention.attention_head_size
+        heads = query_proj.out_features // head_size
+        query = query_proj(inputs).view(rows, picked, heads, head_size).transpose(1, 2)
+        key = key_proj(hidden_states).view(rows, length, heads, head_size).transpose(1, 2)
+        value = value_proj(hidden_states).view(rows, length, heads, head_size).transpose(1, 2)
+        mask = attention_mask
         if mask is not None and mask.dim() == 4 and mask.size(-2) == length:  # one mask row per query
             mask = mask.gather(2, positions[:, None, :, None].expand(rows, mask.size(1), picked, length))
         # The model's own attention function, as its attention module would pick it.
-        eager = sys.modules[type(self.attention).__module__].eager_attention_forward
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.attention.config._attn_implementation, eager)
+        eager = sys.modules[type(attention).__module__].eager_attention_forward
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
         kwargs = {k: v for k, v in kwargs.items() if k not in _LAYER_ONLY}
-        dropout = self.attention.dropout.p if self.attention.training else 0.0
-        attended, _ = attend(self.attention, query, key, value, mask, dropout=dropout,
-                             scaling=self.attention.scaling, **kwargs)
-        return self.finish(attended.reshape(rows, picked, -1), inputs)
+        dropout = attention.dropout.p if attention.training else 0.0
+        attended, _ = attend(attention, query, key, value, mask, dropout=dropout, scaling=attention.scaling,
+                             **kwargs)
+        return finish(attended.reshape(rows, picked, -1), inputs)
 
 
-def _labelled_positions(model, encoder) -> LabelledPositions | None:
-    """The last layer's patch, where its class and configuration are ones this reproduces."""
+def _last_layer(model, encoder) -> nn.Module | None:
+    """The encoder's last layer, where its class and configuration are ones MaskedPositionsLayer reproduces."""
     layers = getattr(getattr(encoder, "encoder", None) or getattr(encoder, "transformer", None), "layer", None)
     if not layers or type(layers[-1]).__name__ not in LAYERS or getattr(model.config, "is_decoder", False):
         return None
-    return LabelledPositions(layers[-1], LAYERS[type(layers[-1]).__name__](layers[-1]))
+    return layers[-1]
 
 
 def install_mlm_head(model, sparse: bool = True, last_layer: bool = True, slots: int | None = None) -> str:
-    """Give `model` the sparse (or dense) MLM forward; returns what it got, to log.
+    """Make `model` one of the MLM classes above (in place); returns what it got, to log.
 
-    The forward of a model given labels returns our loss and, when sparse, logits for the
-    masked positions only (and, with `last_layer`, the last encoder layer's output computed
-    there only). Without labels (fill-mask, pipelines) it is the model's own. `slots`: the
-    fixed number of predictions per row that XLA needs (None: as many as were masked).
+    The model's class becomes a subclass of its own (`SparseBertForMaskedLM` for a
+    BertForMaskedLM, and its last layer a `BertLayerAtMaskedPositions`), the way torch's
+    `fully_shard` makes a module an `FSDP<class>`: same parameters, same state dict, same
+    saved checkpoint, shown by `print(model)`. Given labels, its forward returns our loss
+    and, when sparse, logits for the masked positions only. Without labels (fill-mask,
+    pipelines) it is the model's own. `slots`: the fixed number of predictions per row that
+    XLA needs (None: as many as were masked).
     """
+    if isinstance(model, MLMHead):
+        raise ValueError(f"{model._get_name()} already has its MLM head installed")
     name = type(model).__name__
     # The Trainer then passes num_items_in_batch and scales for the number of processes.
     model.accepts_loss_kwargs = True
@@ -262,21 +309,24 @@ def install_mlm_head(model, sparse: bool = True, last_layer: bool = True, slots:
         # Native path: selects labelled positions and divides by num_items_in_batch itself.
         model.sparse_prediction = True
         model.sparse_pred_ignore_index = -100
+        model.__class__ = _subclass(type(model), NativeSparseMLM, f"Sparse{name}")
         return "native sparse"
     if sparse and name in FAMILIES:
-        encoder, head = FAMILIES[name](model)
-        positions = _labelled_positions(model, encoder) if last_layer else None
-        model.forward = _sparse(model.forward, encoder, head, positions, slots)
-        if positions is not None:
+        layer = _last_layer(model, FAMILIES[name](model)[0]) if last_layer else None
+        if layer is not None:
+            layer_name = type(layer).__name__
+            layer.__class__ = _subclass(type(layer), MaskedPositionsLayer, f"{layer_name}AtMaskedPositions")
             logger.info("The last encoder layer computes its output at masked positions only (eager, SDPA or CPU "
                         "attention; other attention implementations run it whole)")
+        model.__class__ = _subclass(type(model), SparseMLM, f"Sparse{name}")
+        model.mlm_slots, model.mlm_last_layer = slots, layer is not None
         return "sparse" if slots is None else f"sparse, {slots} prediction slots per block"
     if sparse and name in NATIVE_SPARSE:
         logger.info("Sparse prediction for %s on XLA: its own sparse head changes shape with every batch; the MLM "
                     "head runs on every position", name)
     elif sparse:
         logger.info("Sparse prediction is not available for %s: the MLM head runs on every position", name)
-    model.forward = _with_our_loss(model.forward)
+    model.__class__ = _subclass(type(model), MLMLoss, name)
     return "dense"
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForMaskedLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from utils.backend import Backend
 from utils.errors import UsageError, one_line
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def choose_attention(requested: str, training_args, config=None, padded_rows: bo
     from transformers.utils import is_flash_attn_2_available
 
     half = training_args.bf16 or training_args.fp16
-    if not (training_args.device.type == "cuda" and half and is_flash_attn_2_available()):
+    if not (Backend.of(training_args).flash_attention and half and is_flash_attn_2_available()):
         return None
     if config is not None:
         model_class = AutoModelForMaskedLM._model_mapping.get(type(config), None)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from utils.backend import Backend
 from utils.distributed import compute_once
 from utils.errors import UsageError
 
@@ -171,7 +172,7 @@ def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, 
         if flagged and flagged != wanted:
             raise UsageError(f"--precision {precision} contradicts --{flagged}; keep one of them")
         chosen = wanted
-    training_args.xla_autocast_bf16 = training_args.device.type == "xla" and chosen == "bf16"
+    training_args.xla_autocast_bf16 = Backend.of(training_args).xla and chosen == "bf16"
     if training_args.xla_autocast_bf16:
         training_args.mixed_precision, training_args.bf16, training_args.fp16 = "no", False, False
         logger.info("Precision: bf16 autocast on XLA, weights and optimizer state in fp32 (not XLA_USE_BF16)")

@@ -12,6 +12,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
+from utils.backend import Backend
 from utils.distributed import vote_group
 from utils.errors import RunError
 from utils.masking import STREAM_POSITION
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 def adjust_training_args(training_args) -> None:
     """What the Trainer must do for this MLM pipeline, each for a stated reason (utils.effective_args.settle
     calls it with the other changes; utils.downstream for its fine-tuning)."""
-    if training_args.device.type == "cpu":
+    if not Backend.of(training_args).pins_memory:
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     # Every parameter of an MLM takes part in every step, so DDP's search for unused
     # parameters (transformers turns it on by default) only costs time.
@@ -211,7 +212,7 @@ class GracefulStop(TrainerCallback):
         self._xla = None  # utils.xla.PreemptionVote on XLA
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if args.device.type == "xla":
+        if Backend.of(args).xla:
             self._xla = PreemptionVote()
             return
         self._group = vote_group(args)

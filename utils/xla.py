@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.training_args import OptimizerNames
 
+from utils.backend import Backend
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ COMPILATIONS_FILE = "xla_compilations.json"
 
 def on_xla(training_args) -> bool:
     """Whether this process trains on an XLA device (TPU, or torch_xla's CPU backend)."""
-    return training_args.device.type == "xla"
+    return Backend.of(training_args).xla
 
 
 def adapt_for_xla(training_args, data_args) -> list[str]:
