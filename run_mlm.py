@@ -33,6 +33,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from utils import (
     budget,
+    checksums,
     data,
     distributed,
     downstream,
@@ -47,9 +48,17 @@ from utils import (
 from utils import tokenizer as tokenizers
 from utils.args import configure_help, given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.backend import Backend
-from utils.checkpoints import check_checkpoint_fits, find_resume_checkpoint, finished_run, locked_output_dir
+from utils.callbacks import NonFiniteGuard, check_nonfinite_option
+from utils.checkpoints import (
+    check_checkpoint_fits,
+    find_resume_checkpoint,
+    finished_run,
+    locked_output_dir,
+    save_final_model,
+)
 from utils.corpus import BUILTIN_CORPORA, run_cache_dir
 from utils.cpu import speed_up_for_cpu
+from utils.cpu_process import fit_cpu_threads
 from utils.data import check_extension
 from utils.errors import UsageError, exit_on_usage_error
 from utils.fill_mask import format_predictions, predict_masks
@@ -61,15 +70,9 @@ from utils.modeling import MLM_MODEL_TYPES
 from utils.plot_metrics import plot_run
 from utils.precision import PRECISIONS, gemm_shapes
 from utils.segments import RunSegments
+from utils.signals import GracefulStop, Interrupted
 from utils.tokenizer_kinds import KINDS, choose
-from utils.training import (
-    GracefulStop,
-    Interrupted,
-    NonFiniteGuard,
-    build_trainer,
-    check_nonfinite_option,
-    save_final_model,
-)
+from utils.training import build_trainer
 
 logger = logging.getLogger("run_mlm")
 
@@ -474,7 +477,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     # 2. Logging (one summary per process, details from the main process only), and where a
     #    run in output_dir left off: an explicit --resume_from_checkpoint, or its last checkpoint.
     setup_logging(training_args)
-    threads = distributed.fit_cpu_threads(training_args)
+    threads = fit_cpu_threads(training_args)
     if threads:
         logger.info("CPU: %s", threads)
     checkpoint = find_resume_checkpoint(training_args)
@@ -586,7 +589,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                 started = time.time()
                 blocks = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length,
                                                     stats=data_stats)
-            distributed.report_cache_reuse(blocks, started, training_args)
+            data.report_cache_reuse(blocks, started, training_args)
         if training_args.do_train:
             train_dataset = data.truncate(blocks["train"], data_args.max_train_samples)
         if training_args.do_eval:
@@ -668,7 +671,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
             results.update(train_metrics)
             if collator.cap_report("train"):
                 logger.info("Training masks: %s", collator.cap_report("train"))
-            distributed.log_replica_checksums(trainer, tokenizer)
+            checksums.log_replica_checksums(trainer, tokenizer)
 
         # 12. Evaluate: loss, perplexity and masked-token accuracy.
         if training_args.do_eval:

@@ -9,17 +9,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from utils import cpu
-from utils.cpu import (
-    FastDropout,
-    cpu_attention,
-    fast_dropout,
-    keep_mask,
-    matmul_attention,
-    share_tied_gradient,
-    speed_up_for_cpu,
-)
+from utils import cpu_attention as kernels
+from utils.cpu import speed_up_for_cpu
+from utils.cpu_attention import MATMUL_MAX_KEYS, cpu_attention, matmul_attention
+from utils.cpu_dropout import FastDropout, fast_dropout, keep_mask
 from utils.mlm_head import install_mlm_head
+from utils.tied_gradient import share_tied_gradient
 
 from .test_mlm_head import SMALL, tiny
 from .test_mlm_head import batch as mlm_batch
@@ -130,16 +125,16 @@ def test_cpu_attention_takes_the_path_that_wins():
     assert torch.equal(dropped, matmul_attention(q, k, v, mask, dropout=0.2))
 
 
-@pytest.mark.parametrize("keys", [cpu.MATMUL_MAX_KEYS, cpu.MATMUL_MAX_KEYS + 1])
+@pytest.mark.parametrize("keys", [MATMUL_MAX_KEYS, MATMUL_MAX_KEYS + 1])
 def test_bf16_without_dropout_leaves_long_sequences_to_sdpa(keys, monkeypatch):
     """The matmul path wins on sequences up to 512 in bf16; SDPA's fused kernel beyond (and it never
     holds the sequence x sequence probabilities)."""
     calls = []
-    monkeypatch.setattr(cpu, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
+    monkeypatch.setattr(kernels, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
     module = torch.nn.Module().train()
     module.is_causal = False
     q, k, v = (torch.randn(1, 2, keys, 8, dtype=torch.bfloat16) for _ in range(3))
-    short = keys <= cpu.MATMUL_MAX_KEYS
+    short = keys <= MATMUL_MAX_KEYS
     cpu_attention(module, q, k, v, None, dropout=0.0)
     assert len(calls) == short
     cpu_attention(module, q, k, v, None, dropout=0.1)  # with dropout SDPA has only its slow math path
@@ -286,7 +281,7 @@ def test_speed_ups_keep_modernberts_local_attention_window(path, monkeypatch):
     plain, fast, wide = model(4), model(4), model(64)
     speed_up_for_cpu(fast, reuse_memory=False)
     calls = []
-    monkeypatch.setattr(cpu, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
+    monkeypatch.setattr(kernels, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
     ids = torch.randint(5, 60, (2, 32), generator=torch.Generator().manual_seed(0))
     ours, theirs, unwindowed = (m(input_ids=ids).logits for m in (fast, plain, wide))
     assert len(calls) == (3 if path == "matmul" else 0)  # every layer, the two local ones included
@@ -297,7 +292,7 @@ def test_speed_ups_keep_modernberts_local_attention_window(path, monkeypatch):
 MALLOC_PROBE = """
 import ctypes, sys, torch
 sys.path.insert(0, {repo!r})
-from utils.cpu import reuse_freed_memory
+from utils.cpu_process import reuse_freed_memory
 
 class Info(ctypes.Structure):  # struct mallinfo2: arena, ordblks, smblks, hblks, hblkhd, ...
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -248,7 +248,7 @@ def test_two_nodes_on_localhost_train_and_save_once(corpus, tmp_path):
 def test_cpu_processes_get_their_share_of_the_cpus(monkeypatch):
     from types import SimpleNamespace
 
-    from utils.distributed import fit_cpu_threads
+    from utils.cpu_process import fit_cpu_threads
 
     before = torch.get_num_threads()
     usable = len(os.sched_getaffinity(0))
@@ -301,7 +301,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from transformers import TrainerControl, TrainerState
-from utils.training import GracefulStop
+from utils.signals import GracefulStop
 
 rank, rendezvous, signals = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
@@ -344,7 +344,7 @@ def test_one_process_stops_at_the_step_it_was_signalled():
 
     from transformers import TrainerControl, TrainerState
 
-    from utils.training import GracefulStop
+    from utils.signals import GracefulStop
 
     stop = GracefulStop()
     args = SimpleNamespace(ddp_timeout=120, device=torch.device("cpu"), world_size=1, process_index=0,

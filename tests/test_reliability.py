@@ -12,10 +12,10 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from run_mlm import main
+from utils.callbacks import NonFiniteGradients, NonFiniteGuard
 from utils.checkpoints import lock_output_dir, unlock_output_dir
 from utils.errors import UsageError
 from utils.tokenizer import train_wordpiece_tokenizer
-from utils.training import NonFiniteGradients, NonFiniteGuard
 
 from .conftest import REPO, tiny_run_args
 

@@ -157,7 +157,7 @@ def test_fp16_run_that_overflows_at_every_scale_stops_as_diverged(tmp_path):
     # says why, naming the remedy; a finite step in between starts the count again.
     from transformers import TrainerControl, TrainerState
 
-    from utils.training import NonFiniteGradients, NonFiniteGuard
+    from utils.callbacks import NonFiniteGradients, NonFiniteGuard
 
     guard = NonFiniteGuard("stop")
     optimizer = SimpleNamespace(scaler=object())
@@ -180,8 +180,8 @@ def test_fp16_run_that_overflows_at_every_scale_stops_as_diverged(tmp_path):
 def test_deepspeed_refuses_skipping_nonfinite_steps_in_one_line():
     # Issue #28, item 3, at the boundary (DeepSpeed needs GPUs): its engine applies the step
     # inside backward, so "skip" could not skip; the run refuses the option before starting.
+    from utils.callbacks import check_nonfinite_option
     from utils.errors import UsageError
-    from utils.training import check_nonfinite_option
 
     with pytest.raises(UsageError, match="--nonfinite_loss skip does not work with DeepSpeed"):
         check_nonfinite_option("skip", deepspeed=True)
@@ -192,7 +192,7 @@ def test_deepspeed_refuses_skipping_nonfinite_steps_in_one_line():
 def test_deepspeed_nonfinite_step_stops_saying_it_was_applied_and_its_fp16_overflows_are_left_to_it(tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from utils.training import NonFiniteGradients, NonFiniteGuard
+    from utils.callbacks import NonFiniteGradients, NonFiniteGuard
 
     guard = NonFiniteGuard("stop")
     args = SimpleNamespace(output_dir=str(tmp_path))

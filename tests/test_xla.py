@@ -305,7 +305,7 @@ def test_a_stop_raised_in_a_replica_reaches_the_launcher_intact():
     # torch_xla's launcher sends a replica's exception to the launching process pickled.
     import pickle
 
-    from utils.training import Interrupted
+    from utils.signals import Interrupted
 
     error = pickle.loads(pickle.dumps(Interrupted("SIGTERM", 524, "outputs/run")))
     assert (str(error), error.exit_code) == ("SIGTERM at step 524: saved outputs/run/checkpoint-524; run the same "

@@ -16,7 +16,7 @@ picked and applied by the module named:
   elsewhere as each batch comes.
 - Threads (utils.distributed): on a CPU, each process gets its share of the usable CPUs.
 - Data loader: no pinned memory on a CPU (it only warns there).
-- Stop on SIGTERM/SIGINT (utils.training.GracefulStop): a vote on a gloo group; on XLA,
+- Stop on SIGTERM/SIGINT (utils.signals.GracefulStop): a vote on a gloo group; on XLA,
   torch_xla's preemption vote.
 - nan/inf guard: every step, except on XLA, where reading the gradients would cut the graph
   (compilations are counted instead).

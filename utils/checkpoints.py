@@ -1,4 +1,5 @@
-"""Finding the checkpoint a run resumes from, and refusing one that belongs to another model."""
+"""The output directory and its checkpoints: the one a run resumes from (refusing one of another model), the lock that
+keeps a second run out, and the final model saved so that no reader sees half a file."""
 
 from __future__ import annotations
 
@@ -205,3 +206,28 @@ def finished_run(training_args, max_train_time: float | None) -> str | None:
     flag, where = ends[0]
     return (f"{out} already finished at {where} (the model is saved there); nothing was changed. Use a new "
             f"--output_dir to train again, or raise {flag} to train on.")
+
+
+def save_final_model(trainer) -> None:
+    """Save the trained model and tokenizer into output_dir so that no reader ever sees half a file.
+
+    Everything is written to a temporary directory first (every process takes part, as
+    sharded models are gathered), then each file is moved into place with an atomic rename,
+    the weights last.
+    """
+    import shutil
+
+    output_dir = trainer.args.output_dir
+    tmp = os.path.join(output_dir, ".saving-final-model")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(tmp)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith("model") or n.startswith("pytorch_model"), n))
+        match_weight_file_modes(tmp)  # before the weights appear under their final name
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    trainer.accelerator.wait_for_everyone()

@@ -461,3 +461,26 @@ def truncate(dataset: Dataset, max_samples: int | None) -> Dataset:
     if max_samples is None or max_samples >= len(dataset):
         return dataset
     return dataset.select(range(max_samples))
+
+
+def report_cache_reuse(datasets, started: float, training_args) -> None:
+    """On a non-main process, say whether the tokenized data came from the main process's cache.
+
+    A cache file written after this process started its maps means it tokenized again
+    (for instance because the cache is not on a filesystem the processes share).
+    """
+    from utils.distributed import process_logger, processes
+
+    who = processes(training_args)
+    if who.world <= 1 or who.local_rank == 0:
+        return
+    files = [f["filename"] for split in datasets.values() for f in split.cache_files]
+    if not files:
+        return
+    rewritten = [f for f in files if os.path.getmtime(f) >= started]
+    if rewritten:
+        logger.warning("Process %d tokenized the data again instead of reading the main process's cache (%d of "
+                       "%d files rewritten)", who.rank, len(rewritten), len(files))
+    else:
+        process_logger.info("Process %d read the tokenized data from the main process's cache (%d files)",
+                            who.rank, len(files))

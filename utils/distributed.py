@@ -1,5 +1,5 @@
-"""Several processes: one process group on CPU too, preprocessing waits that do not time out,
-work done once and shared, and checks that the processes really train one model together.
+"""Several processes: one process group on CPU too, preprocessing waits that do not time out, work done once and
+shared, and FSDP2 sharding that keeps tied parameters in one unit.
 
 `processes()` answers "how many processes, and which one is this" for every backend, and
 says how they talk: a torch.distributed group (gloo on CPU, NCCL on GPUs), or XLA's own
@@ -10,15 +10,11 @@ broadcast here goes through the one the processes have.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
@@ -94,28 +90,6 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def fit_cpu_threads(training_args) -> str | None:
-    """Give each CPU process its share of the machine's CPUs; returns a line to log when that changed anything.
-
-    accelerate sets threads per process from the physical cores psutil reports, which in a
-    container or a VM limited to fewer CPUs counts the host's: 2 processes on 2 usable CPUs
-    got 2 threads each, oversubscribed. Here the share is the CPUs this process may run on
-    (its affinity) divided by the processes on this machine. A smaller number chosen by the
-    user (OMP_NUM_THREADS) is kept.
-    """
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local <= 1 or not Backend.of(training_args).cpu:
-        return None
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, usable // local)
-    current = torch.get_num_threads()
-    if current <= share:
-        return None
-    torch.set_num_threads(share)
-    return (f"{share} thread{'s' if share > 1 else ''} per process ({usable} usable CPUs / {local} processes on "
-            f"this machine; the launcher gave {current}, which oversubscribes the CPUs)")
-
-
 def check_process_group(training_args) -> None:
     """Refuse to run when the launched processes did not form one training (they would train apart), or when
     one process would drive several GPUs (the Trainer's nn.DataParallel)."""
@@ -147,7 +121,7 @@ def _group():
 
 
 def vote_group(training_args):
-    """A gloo group of all processes for the stop vote (utils.training.GracefulStop); None unless "torch".
+    """A gloo group of all processes for the stop vote (utils.signals.GracefulStop); None unless "torch".
 
     Its own group, with the training's ddp_timeout: gloo runs beside NCCL, so reading the
     vote never waits on a GPU, and it never queues behind the preprocessing waits of
@@ -219,87 +193,6 @@ def compute_once(training_args, compute, desc: str = "work"):
     box = [result]
     dist.broadcast_object_list(box, src=0, group=_group())
     return box[0]
-
-
-def share_tokenizer(training_args, make_tokenizer, cache_root: Path):
-    """A tokenizer made by `make_tokenizer()` on rank 0, the same one on every process.
-
-    Every process, rank 0 included, loads it from a directory named after its content:
-    `datasets` hashes the tokenizer (its path included) into the tokenization cache key,
-    so the same path everywhere lets the other processes, and reruns, hit that cache.
-    """
-    from transformers import AutoTokenizer
-
-    def files_of_new_tokenizer():
-        with tempfile.TemporaryDirectory() as tmp:
-            make_tokenizer().save_pretrained(tmp)
-            return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-
-    files = compute_once(training_args, files_of_new_tokenizer, desc="training the tokenizer")
-    digest = hashlib.sha256(b"".join(name.encode() + content for name, content in files.items())).hexdigest()
-    directory = cache_root / "tokenizers" / f"shared-{digest[:16]}"
-    if not (directory / "tokenizer.json").exists():
-        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, content in files.items():
-            (tmp / name).write_bytes(content)
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process on this machine wrote the same files first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def report_cache_reuse(datasets, started: float, training_args) -> None:
-    """On a non-main process, say whether the tokenized data came from the main process's cache.
-
-    A cache file written after this process started its maps means it tokenized again
-    (for instance because the cache is not on a filesystem the processes share).
-    """
-    who = processes(training_args)
-    if who.world <= 1 or who.local_rank == 0:
-        return
-    files = [f["filename"] for split in datasets.values() for f in split.cache_files]
-    if not files:
-        return
-    rewritten = [f for f in files if os.path.getmtime(f) >= started]
-    if rewritten:
-        logger.warning("Process %d tokenized the data again instead of reading the main process's cache (%d of "
-                       "%d files rewritten)", who.rank, len(rewritten), len(files))
-    else:
-        process_logger.info("Process %d read the tokenized data from the main process's cache (%d files)",
-                            who.rank, len(files))
-
-
-def parameter_checksum(model) -> str:
-    """A short hash of every parameter's bytes: equal on all ranks when replicas are in sync."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def tokenizer_checksum(tokenizer) -> str:
-    """A short hash of the vocabulary: equal on all ranks when they read text the same way."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
-
-
-
-def log_replica_checksums(trainer, tokenizer) -> None:
-    """One line per process with checksums of the data it trained on (different on each) and of its parameters
-    and vocabulary (DDP: all equal)."""
-    state = trainer.accelerator.state
-    if state.num_processes <= 1 or state.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        return  # sharded parameters have no whole-model checksum on one rank
-    data = getattr(trainer, "data_checksum", None)
-    process_logger.info(
-        "Process %d of %d after training: data checksum %s (its own batches: differs between processes), "
-        "parameter checksum %s, tokenizer checksum %s (equal on all)",
-        state.process_index, state.num_processes, "none" if data is None else f"{int(data) % 2**64:016x}",
-        parameter_checksum(trainer.model), tokenizer_checksum(tokenizer),
-    )
 
 
 def shard_for_fsdp2(trainer) -> str | None:

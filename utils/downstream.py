@@ -581,6 +581,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
 
     from utils import distributed
     from utils.args import given_keys, parse_args
+    from utils.cpu_process import fit_cpu_threads
     from utils.logs import setup_logging
 
     distributed.join_cpu_process_group()
@@ -589,7 +590,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     if "report_to" not in given_keys(argv):
         training_args.report_to = []  # a comparison of many short runs: no TensorBoard logs unless asked
     setup_logging(training_args)
-    distributed.fit_cpu_threads(training_args)
+    fit_cpu_threads(training_args)
     summary = compare(args, training_args, command_line)
     if command_line:
         distributed.leave_process_group()

@@ -40,7 +40,7 @@ def read_history(state_file: Path) -> dict:
         for key in series:
             if key in entry:
                 series[key].append((entry["step"], entry[key]))
-        # run_mlm logs `tokens_seen` (utils.training.ThroughputCallback); the Trainer's own
+        # run_mlm logs `tokens_seen` (utils.callbacks.ThroughputCallback); the Trainer's own
         # counter (--include_num_input_tokens_seen) is `num_input_tokens_seen`.
         seen = entry.get("tokens_seen", entry.get("num_input_tokens_seen"))
         if seen is not None and entry.get("step"):

@@ -150,7 +150,6 @@ def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, tra
     text, of the kind the model family uses or --tokenizer_type says (by rank 0 only, then
     sent to the other processes: two trainings need not give the same vocabulary).
     """
-    from utils import distributed
     from utils.corpus import run_cache_dir
     from utils.data import text_column_of
 
@@ -174,7 +173,7 @@ def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, tra
         cache_root = run_cache_dir(model_args.cache_dir)
         model_type = family_model_type(model_args)
         kind, lowercase, class_name = choose(model_type, model_args.tokenizer_type, model_args.tokenizer_lowercase)
-        tokenizer = distributed.share_tokenizer(training_args, lambda: train_or_load_cached_tokenizer(
+        tokenizer = share_tokenizer(training_args, lambda: train_or_load_cached_tokenizer(
             split, text_column, model_args.tokenizer_vocab_size, lowercase,
             model_max_length=data_args.max_seq_length or 512, cache_root=cache_root, model_type=model_type,
             kind=kind,
@@ -207,3 +206,34 @@ def report_own_padding(tokenizer, source: str) -> None:
         logger.warning("The tokenizer from %s %s on its own (its tokenizer.json says so, as sentence-transformers "
                        "saves it); the training data is tokenized without that, as tokenizer(text) gives it. The "
                        "tokenizer saved with the model is unchanged.", source, what)
+
+
+def share_tokenizer(training_args, make_tokenizer, cache_root: Path):
+    """A tokenizer made by `make_tokenizer()` on rank 0, the same one on every process.
+
+    Every process, rank 0 included, loads it from a directory named after its content:
+    `datasets` hashes the tokenizer (its path included) into the tokenization cache key,
+    so the same path everywhere lets the other processes, and reruns, hit that cache.
+    """
+    import tempfile
+
+    from utils.distributed import compute_once
+
+    def files_of_new_tokenizer():
+        with tempfile.TemporaryDirectory() as tmp:
+            make_tokenizer().save_pretrained(tmp)
+            return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+    files = compute_once(training_args, files_of_new_tokenizer, desc="training the tokenizer")
+    digest = hashlib.sha256(b"".join(name.encode() + content for name, content in files.items())).hexdigest()
+    directory = cache_root / "tokenizers" / f"shared-{digest[:16]}"
+    if not (directory / "tokenizer.json").exists():
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (tmp / name).write_bytes(content)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process on this machine wrote the same files first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(directory)

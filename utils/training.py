@@ -1,24 +1,21 @@
-"""The Trainer, set up for MLM: token-averaged loss, streamed accuracy, sane distributed defaults."""
+"""The Trainer, set up for MLM: masks drawn per optimizer step, token-averaged loss, streamed accuracy, checkpoints
+that carry the stream position, the time budget and the run so far."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import os
-import signal
-import threading
-import time
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from utils.backend import Backend
-from utils.distributed import vote_group
-from utils.errors import RunError
+from utils.callbacks import NonFiniteGuard, ThroughputCallback
 from utils.masking import STREAM_POSITION
 from utils.metrics import MaskedAccuracy
 from utils.mlm_head import predictions_at_labels
-from utils.xla import PreemptionVote, XLAAutocast
+from utils.xla import XLAAutocast
 
 logger = logging.getLogger(__name__)
 
@@ -37,240 +34,6 @@ def adjust_training_args(training_args) -> None:
     # The datasets hold only what the collator reads; word_starts is not a model input, and
     # the Trainer would drop it before the collator saw it.
     training_args.remove_unused_columns = False
-
-
-class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_seen` and `tokens_per_second` to the training logs (TensorBoard, trainer_state.json).
-
-    Tokens per step are known in advance (global batch x block length; for line_by_line an
-    upper bound, rows x max_seq_length), so nothing is synchronised with the device to
-    count them. The rate
-    covers training steps only: intervals with an evaluation or a save are left out.
-    """
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.steps = self.seconds = 0.0
-        self._last_end = None
-        self._interrupted = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if self._last_end is not None and not self._interrupted:
-            self.steps += 1
-            self.seconds += now - self._last_end
-        self._last_end, self._interrupted = now, False
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._interrupted = True
-
-    def on_save(self, args, state, control, **kwargs):
-        self._interrupted = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:
-            return
-        extra = {"tokens_seen": state.global_step * self.tokens_per_step}
-        if self.seconds > 0:
-            extra["tokens_per_second"] = round(self.steps * self.tokens_per_step / self.seconds, 1)
-            self.steps = self.seconds = 0.0
-        logs.update(extra)
-        # The Trainer stored a copy of the logs in the history before calling us.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(extra)
-
-
-class NonFiniteGradients(RunError):
-    """Training stopped because a step's gradients were nan or inf (exit status 3)."""
-
-    exit_code = 3
-    prefix = "diverged"
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Checks the gradients before every optimizer step; on nan/inf, stops the run or skips the step.
-
-    The check runs after DDP's all-reduce, so every process sees the same verdict and
-    they stop (or skip) together. Stopping raises before the bad step is applied, so no
-    checkpoint holds its weights. Skipping drops the step's gradients: the optimizer
-    leaves every parameter and its moments as they were. One device sync per step, which
-    the Trainer's own loss logging already costs; off on XLA, where it would cut the graph.
-
-    With fp16 loss scaling (a GradScaler, or DeepSpeed's own), a step whose scaled
-    gradients overflow is normal: the scaler skips it and lowers the scale. The guard
-    lets it, and stops only after `MAX_OVERFLOWS` such steps in a row, when no scale
-    helps. Under DeepSpeed the engine applies the step inside backward, before this
-    check: a non-finite step there stops the run after it was applied (`skip` is refused
-    at start, see `check_nonfinite_option`).
-    """
-
-    MAX_OVERFLOWS = 20  # in a row: the scale fell 2**20-fold (from 65536 to 0.06), no longer an overflow
-
-    def __init__(self, mode: str = "stop"):
-        self.mode = mode
-        self.skipped = 0
-        self.overflows = 0  # fp16 steps in a row that the loss scaler skipped
-        # The step's total gradient norm, when the Trainer computed one (MLMTrainer hands it
-        # over): nan/inf exactly when a gradient is, so no second pass over the gradients.
-        self.grad_norm = None
-        self.applied = False  # DeepSpeed: the step was applied before the check (MLMTrainer says)
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        norm, self.grad_norm = self.grad_norm, None
-        if norm is not None:
-            finite = bool(torch.isfinite(torch.as_tensor(norm)))
-        else:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
-        step = state.global_step + 1
-        if finite:
-            self.overflows = 0
-            return
-        if self._loss_scaled(optimizer):
-            self.overflows += 1
-            if self.overflows < self.MAX_OVERFLOWS:
-                logger.info("Step %d: fp16 gradients overflowed; the loss scaler skips this step and lowers its scale "
-                            "(%d in a row)", step, self.overflows)
-                return
-            self._stop(args, step, f"fp16 gradients overflowed in {self.overflows} steps in a row (the loss scaler "
-                                   "skipped each and lowered its scale)")
-        if self.applied:
-            self._stop(args, step, "the loss or its gradients became nan/inf", applied=True)
-        if self.mode == "skip":
-            self.skipped += 1
-            logger.warning("Step %d: non-finite gradients (nan/inf); skipping this batch (%d skipped so far)",
-                           step, self.skipped)
-            for p in model.parameters():
-                p.grad = None
-            return
-        self._stop(args, step, "the loss or its gradients became nan/inf")
-
-    def _loss_scaled(self, optimizer) -> bool:
-        """Whether an fp16 loss scaler skips (or, under DeepSpeed, skipped) this step's overflow itself."""
-        if self.applied:  # DeepSpeed stepped already; its fp16 optimizers record whether they skipped
-            return bool(getattr(optimizer, "step_was_skipped", False))
-        return getattr(optimizer, "scaler", None) is not None  # accelerate's GradScaler: skips in step()
-
-    @staticmethod
-    def _stop(args, step: int, what: str, applied: bool = False):
-        last = _last_checkpoint_name(args.output_dir)
-        when = ("after DeepSpeed applied it (its engine steps inside backward)" if applied
-                else "stopped before applying it")
-        raise NonFiniteGradients(
-            f"{what} at step {step}; {when} "
-            f"({'the last good checkpoint is ' + last if last else 'no checkpoint was saved yet'}). Lower "
-            "--learning_rate, keep --max_grad_norm on, use bf16 rather than fp16"
-            + ("" if applied else ", or pass --nonfinite_loss skip to skip such batches")
-        )
-
-
-def check_nonfinite_option(mode: str, deepspeed: bool) -> None:
-    """Refuse `--nonfinite_loss skip` under DeepSpeed, whose engine applies a step before any callback sees it."""
-    if mode == "skip" and deepspeed:
-        from utils.errors import UsageError
-
-        raise UsageError("--nonfinite_loss skip does not work with DeepSpeed: its engine applies each step inside "
-                         "backward, before the gradients can be checked; use --nonfinite_loss stop (DeepSpeed's fp16 "
-                         "loss scaler already skips overflowing steps)")
-
-
-def _last_checkpoint_name(output_dir: str) -> str | None:
-    from utils.checkpoints import last_complete_checkpoint
-
-    return last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-
-
-class GracefulStop(TrainerCallback):
-    """On SIGTERM (a preempted spot instance, a scheduler's time limit) or SIGINT (Ctrl-C): save and stop.
-
-    The signal only sets a flag; at the end of a step the Trainer saves a checkpoint and
-    leaves its loop, and the run exits without writing a final model, so that running the
-    same command again resumes. A second signal stops at once. Used as a context manager,
-    it also restores the handlers when the run raises.
-
-    With several processes, the launcher forwards the signal to each of them, but not at
-    the same instant: one could see it before a step's end and another just after, stop a
-    step later, and the first would wait forever in the checkpoint's collectives (until
-    the launcher kills both, checkpoint unfinished). So the processes vote: each step end
-    starts an all-reduce of the signals seen (on a gloo group of its own, in the
-    background), and the next step end reads it. All processes then stop after the same
-    step, one step after the first of them was signalled, and without waiting on each
-    other at any other step. `stopped` is the signal they agreed on (None: training ended
-    on its own, even if a signal came during its last step).
-
-    On XLA (TPU) the training runs in threads, where Python installs no signal handlers;
-    there XLA's own preemption sync manager catches SIGTERM and picks the step at which
-    every process stops (`utils.xla.PreemptionVote`). SIGINT is not caught there.
-    """
-
-    def __init__(self):
-        self.signal = None  # what this process received
-        self.stopped = None  # what the processes stopped for, at a step end
-        self._previous = {}
-        self._group = None
-        self._vote = None  # (tensor, work) of the all-reduce started at the last step end
-        self._xla = None  # utils.xla.PreemptionVote on XLA
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if Backend.of(args).xla:
-            self._xla = PreemptionVote()
-            return
-        self._group = vote_group(args)
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        logger.warning("%s received: saving a checkpoint at the end of this step, then stopping (send it again to "
-                       "stop at once)", self.signal)
-        for other, previous in self._previous.items():
-            signal.signal(other, previous)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        agreed = self._agree(state.global_step)
-        if agreed:
-            self.stopped = agreed
-            control.should_save = True
-            control.should_training_stop = True
-
-    def _agree(self, step: int) -> str | None:
-        """The signal to stop for at this step end, the same in every process; None to go on."""
-        if self._xla is not None:
-            return "SIGTERM" if self._xla.reached(step) else None
-        if self._group is None:
-            return self.signal
-        import torch.distributed as dist
-
-        agreed = None
-        if self._vote is not None:
-            votes, work = self._vote
-            work.wait()
-            agreed = signal.Signals(int(votes)).name if int(votes) else None
-        # SIGTERM (15) outranks SIGINT (2) when processes saw different ones.
-        votes = torch.tensor(signal.Signals[self.signal].value if self.signal else 0, dtype=torch.int64)
-        self._vote = votes, dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        return agreed
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._vote is not None:  # every process started it: finish it before leaving the group
-            self._vote[1].wait()
-            self._vote = None
-        self.restore()
-
-    def restore(self) -> None:
-        """Give the signals back to the handlers they had before training began."""
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        # A run that raised never reached on_train_end: do not leave our handlers behind.
-        self.restore()
 
 
 class MLMTrainer(XLAAutocast, Trainer):
@@ -408,46 +171,3 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, 
         for reporter in reporters:
             trainer.add_callback(reporter)
     return trainer
-
-
-class Interrupted(RunError):
-    """The run was stopped by a signal after saving a checkpoint; the same command resumes it."""
-
-    prefix = "stopped"
-
-    def __init__(self, signal_name: str, step: int, output_dir: str):
-        self.exit_code = 143 if signal_name == "SIGTERM" else 130  # the shell's 128 + signal number
-        self._args = (signal_name, step, output_dir)
-        super().__init__(f"{signal_name} at step {step}: saved {output_dir}/checkpoint-{step}; run the same command "
-                         "to resume from it")
-
-    def __reduce__(self):
-        # torch_xla's launcher sends a replica's exception to the launching process pickled.
-        return type(self), self._args
-
-
-def save_final_model(trainer) -> None:
-    """Save the trained model and tokenizer into output_dir so that no reader ever sees half a file.
-
-    Everything is written to a temporary directory first (every process takes part, as
-    sharded models are gathered), then each file is moved into place with an atomic rename,
-    the weights last.
-    """
-    import shutil
-
-    output_dir = trainer.args.output_dir
-    tmp = os.path.join(output_dir, ".saving-final-model")
-    if trainer.is_world_process_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(tmp)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith("model") or n.startswith("pytorch_model"), n))
-        from utils.checkpoints import match_weight_file_modes
-
-        match_weight_file_modes(tmp)  # before the weights appear under their final name
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-        os.rmdir(tmp)
-    trainer.accelerator.wait_for_everyone()
