@@ -31,48 +31,38 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils import (
-    budget,
-    checksums,
-    data,
-    distributed,
-    downstream,
-    effective_args,
-    metrics,
-    modeling,
-    prepared,
-    recipe,
-    streaming,
-    xla,
-)
-from utils import tokenizer as tokenizers
 from utils.args import configure_help, given_keys, leaves_environment_as_found, move_hub_token_to_env, parse_args
 from utils.backend import Backend
-from utils.callbacks import NonFiniteGuard, check_nonfinite_option
-from utils.checkpoints import (
+from utils.data import pipeline, prepared, streaming
+from utils.data import tokenizer as tokenizers
+from utils.data.corpus import BUILTIN_CORPORA, run_cache_dir
+from utils.data.masking import build_collator, mask_eval_dataset, prediction_slots
+from utils.data.pipeline import check_extension
+from utils.data.tokenizer_kinds import KINDS, choose
+from utils.errors import UsageError, exit_on_usage_error
+from utils.logs import log_process, setup_logging
+from utils.model import modeling
+from utils.model.cpu import speed_up_for_cpu
+from utils.model.mlm_head import install_mlm_head
+from utils.model.modeling import MLM_MODEL_TYPES
+from utils.tools import downstream
+from utils.tools.fill_mask import format_predictions, predict_masks
+from utils.tools.plot_metrics import plot_run
+from utils.train import budget, checksums, distributed, effective_args, metrics, recipe, xla
+from utils.train.callbacks import NonFiniteGuard, check_nonfinite_option
+from utils.train.checkpoints import (
     check_checkpoint_fits,
     find_resume_checkpoint,
     finished_run,
     locked_output_dir,
     save_final_model,
 )
-from utils.corpus import BUILTIN_CORPORA, run_cache_dir
-from utils.cpu import speed_up_for_cpu
-from utils.cpu_process import fit_cpu_threads
-from utils.data import check_extension
-from utils.errors import UsageError, exit_on_usage_error
-from utils.fill_mask import format_predictions, predict_masks
-from utils.logs import log_process, setup_logging
-from utils.masking import build_collator, mask_eval_dataset, prediction_slots
-from utils.mlm_head import install_mlm_head
-from utils.model_card import non_default_args, write_model_card, write_run_args
-from utils.modeling import MLM_MODEL_TYPES
-from utils.plot_metrics import plot_run
-from utils.precision import PRECISIONS, gemm_shapes
-from utils.segments import RunSegments
-from utils.signals import GracefulStop, Interrupted
-from utils.tokenizer_kinds import KINDS, choose
-from utils.training import build_trainer
+from utils.train.cpu_process import fit_cpu_threads
+from utils.train.model_card import non_default_args, write_model_card, write_run_args
+from utils.train.precision import PRECISIONS, gemm_shapes
+from utils.train.segments import RunSegments
+from utils.train.signals import GracefulStop, Interrupted
+from utils.train.trainer import build_trainer
 
 logger = logging.getLogger("run_mlm")
 
@@ -319,7 +309,7 @@ class DataTrainingArguments:
     )
     tokenized_dataset_path: str | None = field(
         default=None,
-        metadata={"help": "Train on data prepared by `python -m utils.prepare_dataset` (blocks + tokenizer + "
+        metadata={"help": "Train on data prepared by `python -m utils.tools.prepare_dataset` (blocks + tokenizer + "
                           "manifest) instead of tokenizing here; a mismatch with the run is an error."},
     )
     fill_mask_sentences: list[str] | None = field(
@@ -378,7 +368,7 @@ class DataTrainingArguments:
 class DownstreamCheckArguments:
     """After training, did it help? Fine-tune the starting point and the trained model on a labelled task, and compare.
 
-    utils/downstream.py does the comparison; `python -m utils.downstream` runs it on any models.
+    utils/tools/downstream.py does the comparison; `python -m utils.tools.downstream` runs it on any models.
     """
 
     downstream_train_file: list[str] | None = field(
@@ -457,7 +447,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     check_run_arguments(model_args, data_args, training_args)
     distributed.check_process_group(training_args)
     move_hub_token_to_env(training_args)
-    # From scratch, what the user did not set takes the measured recipe (utils/recipe.py).
+    # From scratch, what the user did not set takes the measured recipe (utils/train/recipe.py).
     scratch_recipe = (recipe.apply_scratch_recipe(data_args, training_args, given_keys(argv))
                       if model_args.from_scratch and model_args.scratch_recipe else [])
     # What the user chose (and the recipe filled in), before the adjustments below: saved as an
@@ -494,7 +484,7 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
                        else f"{training_args.num_train_epochs:g} epochs" if "num_train_epochs" in given_keys(argv)
                        else None)
 
-    # 3. The effective arguments, settled in one place (utils/effective_args.py): the precision
+    # 3. The effective arguments, settled in one place (utils/train/effective_args.py): the precision
     #    (bf16 where it is faster on this hardware: on a CPU, timed at the model's own matrix
     #    shapes, once per machine), on XLA (TPU) the settings that keep shapes static so that
     #    the graph compiles once, the time budget's end, streaming's shards, the Trainer's
@@ -521,10 +511,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     modeling.check_block_length_early(model_args, data_args.max_seq_length)
 
     # 5. Raw text: hub dataset, local files, or a corpus built from this machine's files (none
-    #    when training on data prepared ahead by utils/prepare_dataset.py).
+    #    when training on data prepared ahead by utils/tools/prepare_dataset.py).
     raw_datasets = None
     if not data_args.tokenized_dataset_path:
-        raw_datasets = data.load_text(data_args, model_args, training_args)
+        raw_datasets = pipeline.load_text(data_args, model_args, training_args)
 
     # 6. Tokenizer: the given one, the pretrained model's, the prepared data's, the checkpoint's,
     #    or one trained on the text.
@@ -587,16 +577,16 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
         if blocks is None:
             with distributed.main_process_first(training_args, "tokenizing"):
                 started = time.time()
-                blocks = data.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length,
+                blocks = pipeline.preprocess_datasets(raw_datasets, tokenizer, data_args, max_seq_length,
                                                     stats=data_stats)
-            data.report_cache_reuse(blocks, started, training_args)
+            pipeline.report_cache_reuse(blocks, started, training_args)
         if training_args.do_train:
-            train_dataset = data.truncate(blocks["train"], data_args.max_train_samples)
+            train_dataset = pipeline.truncate(blocks["train"], data_args.max_train_samples)
         if training_args.do_eval:
             if "validation" not in blocks:
                 raise UsageError(f"--do_eval: {data_args.tokenized_dataset_path} has no validation split; prepare "
                                  "it with --validation_file or --validation_split_percentage, or drop --do_eval")
-            eval_dataset = data.truncate(blocks["validation"], data_args.max_eval_samples)
+            eval_dataset = pipeline.truncate(blocks["validation"], data_args.max_eval_samples)
     if training_args.do_eval:
         # Masked once with a fixed seed: every evaluation scores the same positions.
         with distributed.main_process_first(training_args, "masking the evaluation set"):

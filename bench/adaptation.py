@@ -18,7 +18,7 @@ domain is text it never saw:
   it) and one (learning rate, training mask rate) pair of the grid each. Evaluation masks
   15% in every run.
 - Scores: the held-out domain paragraphs with the same seeded 15% masks for every model
-  (mean loss over masked tokens), and utils.downstream on python_packages (the base is the
+  (mean loss over masked tokens), and utils.tools.downstream on python_packages (the base is the
   baseline; the same seeds and fine-tuning hyperparameters for every model; paired
   differences, 95% CI and p-value against the base).
 """
@@ -69,7 +69,7 @@ def prepare(work: Path) -> None:
     """base.txt (other packages), domain.txt (the task's packages, minus the task's validation), domain_eval.txt."""
     if (work / "domain_eval.txt").exists():
         return
-    from utils.corpus import build_labelled_task, iter_python_docstrings_by_file
+    from utils.data.corpus import build_labelled_task, iter_python_docstrings_by_file
 
     files = build_labelled_task("python_packages")
     with open(files["validation"][0], encoding="utf-8") as f:
@@ -130,7 +130,7 @@ def score(work: Path, model_dir: str, text: str = "domain_eval.txt", seed: int =
 def downstream(work: Path, seeds: int) -> dict:
     models = [f"base={work / 'base'}"] + [f"{slug(name)}={work / 'adapted' / slug(name)}" for name in GRID]
     out = work / "downstream"
-    command = [sys.executable, "-m", "utils.downstream", "--models", *models, "--builtin_task", "python_packages",
+    command = [sys.executable, "-m", "utils.tools.downstream", "--models", *models, "--builtin_task", "python_packages",
                "--seeds", str(seeds), "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true",
                *DOWNSTREAM]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -140,7 +140,7 @@ def downstream(work: Path, seeds: int) -> dict:
 
 
 def print_table(work: Path) -> None:
-    from utils.precision import cpu_description
+    from utils.train.precision import cpu_description
 
     results = load_results(work)
     print(f"CPU: {cpu_description()}")

@@ -12,7 +12,7 @@ The text: this machine's Python docstrings cut into short lines, as verse or dia
 would be, with every 40th paragraph kept whole (longer than 128 tokens).
 
 Then, with the code of `--code` (a checkout of this project):
-1. tokenizes and packs the training file with `utils.data.preprocess_datasets` and counts
+1. tokenizes and packs the training file with `utils.data.pipeline.preprocess_datasets` and counts
    blocks, tokens, and the fraction of padding and of special tokens in the blocks, against
    what `tokenizer(text)` gives for the same lines;
 2. trains `run_mlm.py` from the checkpoint for `--steps` steps per seed;
@@ -48,7 +48,7 @@ def build_case(workdir: Path) -> dict:
     from tokenizers import Tokenizer
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from utils.corpus import build_corpus
+    from utils.data.corpus import build_corpus
 
     paragraphs = build_corpus("python_docstrings", str(workdir / "hf")).read_text(encoding="utf-8").splitlines()
     lines = []
@@ -100,7 +100,7 @@ COUNT_BLOCKS = """
 import json, numpy as np
 from types import SimpleNamespace
 from transformers import AutoTokenizer
-from utils.data import load_raw_datasets, preprocess_datasets
+from utils.data.pipeline import load_raw_datasets, preprocess_datasets
 tokenizer = AutoTokenizer.from_pretrained({checkpoint!r})
 args = SimpleNamespace(dataset_name=None, dataset_config_name=None, train_file=[{train!r}], validation_file=None,
                        streaming=False, validation_split_percentage=0, text_column_name=None, whole_word_mask=False,

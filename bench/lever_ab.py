@@ -37,8 +37,8 @@ LEVERS = {
 def build(lever_on: bool, lever: str, seed: int):
     import torch
 
-    from utils.cpu import speed_up_for_cpu
-    from utils.mlm_head import install_mlm_head
+    from utils.model.cpu import speed_up_for_cpu
+    from utils.model.mlm_head import install_mlm_head
 
     where, argument = LEVERS[lever]
     model = bench.build_model(seed)
@@ -61,8 +61,8 @@ def main() -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer, TrainingArguments
 
-    from utils.masking import build_collator
-    from utils.precision import cpu_description
+    from utils.data.masking import build_collator
+    from utils.train.precision import cpu_description
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.masking import build_collator  # noqa: E402
-from utils.tokenizer import train_wordpiece_tokenizer  # noqa: E402
+from utils.data.masking import build_collator  # noqa: E402
+from utils.data.tokenizer import train_wordpiece_tokenizer  # noqa: E402
 
 
 def collator_for(tokenizer, rank: int, world: int, accumulation: int):

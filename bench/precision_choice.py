@@ -37,8 +37,8 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from utils.corpus import build_corpus
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.corpus import build_corpus
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     lines = [t for t in build_corpus("python_docstrings", str(workdir / "hf")).read_text().splitlines() if t.strip()]
     corpus.write_text("\n".join(lines) + "\n")
@@ -83,7 +83,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(workdir / "hf"))
     checkpoint, corpus = prepare(workdir)
-    from utils.precision import cpu_description
+    from utils.train.precision import cpu_description
 
     print(f"CPU: {cpu_description()}; BERT 6x384, seq 128, batch 16, {args.steps} steps (samples/s of the whole "
           f"train(); the default's start-up timing is in its log line); median of {args.repeats} interleaved round(s)")

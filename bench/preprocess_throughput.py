@@ -15,8 +15,8 @@ peak RSS is its own:
   has to do at least); its own threads, as the project's single-worker path uses them.
 - reference: the reference run_mlm.py's maps: `tokenizer(texts, return_special_tokens_mask=True)`
   storing four columns, then `group_texts` on Python lists, 1000 texts per batch.
-- project-1 / project-2: `utils.data.preprocess_datasets` with 1 or 2 workers.
-- stream: `utils.streaming.iter_blocks` over a streamed `datasets` text file (no cache),
+- project-1 / project-2: `utils.data.pipeline.preprocess_datasets` with 1 or 2 workers.
+- stream: `utils.data.streaming.iter_blocks` over a streamed `datasets` text file (no cache),
   RSS sampled as it goes.
 
 Tokens lost = tokens the raw tokenizer produced minus tokens in blocks.
@@ -62,8 +62,8 @@ def stored_mb(cache: Path) -> float:
 # --- the methods, each run in a child process ------------------------------------------------------
 
 def run_raw(corpus: str, tokenizer) -> dict:
-    from utils.data import _non_blank
-    from utils.encoding import exact_copy
+    from utils.data.encoding import exact_copy
+    from utils.data.pipeline import _non_blank
 
     # The ids tokenizer(text) gives: no padding or truncation the tokenizer.json may carry.
     backend, tokens = exact_copy(tokenizer)._tokenizer, 0
@@ -97,7 +97,7 @@ def run_reference(corpus: str, tokenizer) -> dict:
 
 
 def run_project(corpus: str, tokenizer, workers: int) -> dict:
-    from utils.data import load_raw_datasets, preprocess_datasets
+    from utils.data.pipeline import load_raw_datasets, preprocess_datasets
 
     args = SimpleNamespace(dataset_name=None, dataset_config_name=None, train_file=[corpus], validation_file=None,
                            streaming=False, validation_split_percentage=0, text_column_name=None,
@@ -111,7 +111,7 @@ def run_project(corpus: str, tokenizer, workers: int) -> dict:
 def run_stream(corpus: str, tokenizer) -> dict:
     from datasets import load_dataset
 
-    from utils.streaming import iter_blocks, iter_texts
+    from utils.data.streaming import iter_blocks, iter_texts
 
     stream = load_dataset("text", data_files=[corpus], split="train", streaming=True)
     total = os.path.getsize(corpus)
@@ -156,8 +156,8 @@ def child(method: str, corpus: str, tokenizer_dir: str) -> None:
 # --- the driver ------------------------------------------------------------------------------------
 
 def prepare_inputs(workdir: Path, sizes: list[str]) -> tuple[Path, dict[str, Path]]:
-    from utils.corpus import build_corpus
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.corpus import build_corpus
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     base = build_corpus("python_docstrings", str(workdir / "hf"))
     tokenizer_dir = workdir / "tokenizer"

@@ -76,8 +76,8 @@ def save_result(work: Path, key: str, value: dict) -> None:
 def prepare(work: Path) -> None:
     if (work / "tokenizer").exists():
         return
-    from utils.corpus import build_corpus
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.corpus import build_corpus
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     lines = [line for line in build_corpus("python_docstrings").read_text(encoding="utf-8").splitlines() if line]
     train = [line for i, line in enumerate(lines) if i % 20]
@@ -171,7 +171,7 @@ def score(work: Path, model_dir: str, seed: int = 1234) -> dict:
 def fill_mask(model_dir: str) -> str:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from utils.fill_mask import predict_masks
+    from utils.tools.fill_mask import predict_masks
 
     sentence = "Return a new [MASK] with the same elements."
     model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
@@ -183,7 +183,7 @@ def fill_mask(model_dir: str) -> str:
 
 
 def print_tables(work: Path) -> None:
-    from utils.precision import cpu_description
+    from utils.train.precision import cpu_description
 
     results = load_results(work)
     ref = results.get("reference")

@@ -5,7 +5,7 @@
     python bench/tokenizer_kinds.py --runs --max_steps 300   # plus a short from-scratch run per family
 
 Corpus: the quickstart's (this machine's Python docstrings, ~1.5 MB), 5% held out. For
-each model type, `utils.tokenizer_kinds.train_tokenizer` trains its family's tokenizer in a
+each model type, `utils.data.tokenizer_kinds.train_tokenizer` trains its family's tokenizer in a
 child process (time and peak RSS are its own); reported: seconds, characters and tokens
 per second of training (tokens: what the trained tokenizer makes of the training text),
 the vocabulary reached, the saved class and mask token, and the unknown-token rate on
@@ -34,7 +34,7 @@ OTHER_SCRIPTS = ["Η γάτα βλέπει την μπάλα.", "猫はボール
 
 
 def corpus_lines(workdir: Path) -> tuple[list[str], list[str]]:
-    from utils.corpus import build_corpus
+    from utils.data.corpus import build_corpus
 
     lines = [t for t in build_corpus("python_docstrings", str(workdir / "hf")).read_text().splitlines() if t.strip()]
     cut = len(lines) // 20
@@ -44,7 +44,7 @@ def corpus_lines(workdir: Path) -> tuple[list[str], list[str]]:
 def child(model_type: str, workdir: str, vocab_size: int) -> None:
     from transformers import AutoTokenizer
 
-    from utils.tokenizer_kinds import kind_of, train_tokenizer, unknown_rate
+    from utils.data.tokenizer_kinds import kind_of, train_tokenizer, unknown_rate
 
     train, held_out = corpus_lines(Path(workdir))
     started = time.perf_counter()

@@ -148,8 +148,8 @@ def prepare_data(directory: Path, n_eval: int) -> None:
     import numpy as np
     from datasets import Dataset
 
-    from utils.corpus import build_corpus
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.corpus import build_corpus
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     lines = [line for line in build_corpus("python_docstrings").read_text(encoding="utf-8").splitlines() if line]
     tokenizer = train_wordpiece_tokenizer(lines, vocab_size=VOCAB, model_max_length=512)
@@ -233,23 +233,23 @@ def run_child(name: str, data: Path, steps: int, warmup: int, seed: int, logging
     else:
         from types import SimpleNamespace
 
-        from utils.masking import build_collator
-        from utils.mlm_head import install_mlm_head
-        from utils.precision import apply_precision, gemm_shapes
-        from utils.training import adjust_training_args, build_trainer
+        from utils.data.masking import build_collator
+        from utils.model.mlm_head import install_mlm_head
+        from utils.train.precision import apply_precision, gemm_shapes
+        from utils.train.trainer import adjust_training_args, build_trainer
 
         args = TrainingArguments(**common)
         apply_precision(args, settings["precision"], gemm_shapes(model.config, BATCH * SEQ))
-        adjust_training_args(args)  # as run_mlm's utils.effective_args.settle does
+        adjust_training_args(args)  # as run_mlm's utils.train.effective_args.settle does
         train, evaluation = load_from_disk(data / "train"), load_from_disk(data / "eval")
         data_args = SimpleNamespace(mlm_probability=MLM_PROBABILITY, mask_replace_prob=0.8, random_replace_prob=0.1,
                                     whole_word_mask=False, pad_to_multiple_of=None)
         collator = build_collator(tokenizer, data_args, args)
-        from utils.masking import mask_eval_dataset
+        from utils.data.masking import mask_eval_dataset
 
         evaluation = mask_eval_dataset(evaluation, collator, seed)
         install_mlm_head(model, sparse=settings["sparse"], last_layer=settings.get("last_layer", True))
-        from utils.cpu import speed_up_for_cpu
+        from utils.model.cpu import speed_up_for_cpu
 
         if settings.get("cpu_kernels", True):
             speed_up_for_cpu(model, reuse_memory=settings.get("reuse_memory", True),
@@ -331,7 +331,7 @@ def main() -> None:
                   for _ in range(args.repeats)]
         peaks = {dtype: max(rate, matmul_peak(dtype)) for dtype, rate in before.items()}
         gemms = max(gemms_before, model_gemm_rate("bfloat16"))
-        from utils.precision import cpu_description
+        from utils.train.precision import cpu_description
 
         print(f"CPU: {cpu_description()}")
         print(f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "

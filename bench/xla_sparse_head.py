@@ -52,8 +52,8 @@ def main() -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from utils.masking import MLMCollator, default_max_predictions
-    from utils.mlm_head import install_mlm_head
+    from utils.data.masking import MLMCollator, default_max_predictions
+    from utils.model.mlm_head import install_mlm_head
 
     device = torch_xla.device()
     default = default_max_predictions(bench.SEQ, bench.MLM_PROBABILITY)
@@ -118,8 +118,8 @@ def main() -> None:
     head_times = {}
     hidden = torch.randn(rows, bench.SEQ, bench.HIDDEN, device=device, requires_grad=True)
     labels = batches[0]["labels"]
-    from utils.loss import masked_lm_loss
-    from utils.mlm_head import labelled_slots
+    from utils.model.loss import masked_lm_loss
+    from utils.model.mlm_head import labelled_slots
 
     model = models["dense"][0]
     for name, slots in heads.items():

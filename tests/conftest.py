@@ -85,7 +85,7 @@ def accelerate_launch(config: str, args: list[str], launcher_args: list[str] = (
                       timeout: int = 600, wait: bool = True, script: str | None = None):
     """`accelerate launch --config_file <config> [launcher_args] run_mlm.py <args>` as a subprocess.
 
-    `script`: another script or, with launcher_args ["-m"], a module (utils.downstream).
+    `script`: another script or, with launcher_args ["-m"], a module (utils.tools.downstream).
     With wait=False, returns the Popen (for launches that must run side by side).
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),

@@ -23,7 +23,7 @@ def run(tmp_path_factory, corpus):
 
 
 def fill_mask(*args):
-    return subprocess.run([sys.executable, "-m", "utils.fill_mask", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "utils.tools.fill_mask", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -76,10 +76,11 @@ def test_loss_plot_is_written_and_can_be_redrawn(run, tmp_path):
     assert plot.stat().st_size > 20_000  # axes, two curves and labels, not an empty canvas
     assert Image.open(plot).size[0] >= 800
     # Runnable on any past run, to another file.
-    result = subprocess.run([sys.executable, "-m", "utils.plot_metrics", str(out), "--out", str(tmp_path / "p.png")],
+    result = subprocess.run([sys.executable, "-m", "utils.tools.plot_metrics", str(out),
+                             "--out", str(tmp_path / "p.png")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and (tmp_path / "p.png").stat().st_size > 20_000
-    empty = subprocess.run([sys.executable, "-m", "utils.plot_metrics", str(tmp_path)], cwd=REPO,
+    empty = subprocess.run([sys.executable, "-m", "utils.tools.plot_metrics", str(tmp_path)], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode == 2 and "has no trainer_state.json" in empty.stderr
 
@@ -87,7 +88,7 @@ def test_loss_plot_is_written_and_can_be_redrawn(run, tmp_path):
 def test_loss_plot_has_a_tokens_axis_and_leaves_the_backend_alone(run):
     import matplotlib
 
-    from utils.plot_metrics import draw_run, find_trainer_state, plot_run, read_history
+    from utils.tools.plot_metrics import draw_run, find_trainer_state, plot_run, read_history
 
     out, _ = run
     assert read_history(find_trainer_state(out))["tokens_per_step"] == 16 * 32  # batch x block length

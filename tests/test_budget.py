@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import utils.budget
+import utils.train.budget
 from run_mlm import main
-from utils.budget import parse_duration
 from utils.errors import UsageError
+from utils.train.budget import parse_duration
 
 from .conftest import REPO, accelerate_launch, tiny_run_args
 
@@ -30,7 +30,7 @@ def test_a_duration_that_is_not_one_is_refused_naming_the_flag(text):
 def simulated_clock(monkeypatch):
     """Each reading of the budget's clock advances it by one second: step k ends at k seconds."""
     ticks = itertools.count(1)
-    monkeypatch.setattr(utils.budget, "_now", lambda: float(next(ticks)))
+    monkeypatch.setattr(utils.train.budget, "_now", lambda: float(next(ticks)))
 
 
 def budget_run(out, corpus, *extra):
@@ -64,7 +64,7 @@ def test_max_steps_before_the_deadline_ends_the_run_and_a_resume_goes_on_with_th
                                                                                             tmp_path):
     def clock():
         ticks = itertools.count(1)
-        monkeypatch.setattr(utils.budget, "_now", lambda: float(next(ticks)))
+        monkeypatch.setattr(utils.train.budget, "_now", lambda: float(next(ticks)))
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     clock()
@@ -147,7 +147,7 @@ def test_training_masks_at_its_rate_and_evaluation_at_15_percent(corpus, tmp_pat
     from transformers import AutoTokenizer
 
     from run_mlm import DataTrainingArguments
-    from utils.masking import build_collator, mask_eval_dataset
+    from utils.data.masking import build_collator, mask_eval_dataset
 
     main(tiny_run_args(tmp_path / "out", corpus, "--max_steps", "1", "--do_eval", "false"))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -1,6 +1,6 @@
 """The builtin corpus: English prose from the standard library's docstrings, built once."""
 
-from utils.corpus import _prose_paragraphs, build_corpus
+from utils.data.corpus import _prose_paragraphs, build_corpus
 
 
 def test_prose_paragraphs_drop_code_and_join_wrapped_lines():

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from utils import cpu_attention as kernels
-from utils.cpu import speed_up_for_cpu
-from utils.cpu_attention import MATMUL_MAX_KEYS, cpu_attention, matmul_attention
-from utils.cpu_dropout import FastDropout, fast_dropout, keep_mask
-from utils.mlm_head import install_mlm_head
-from utils.tied_gradient import share_tied_gradient
+from utils.model import cpu_attention as kernels
+from utils.model.cpu import speed_up_for_cpu
+from utils.model.cpu_attention import MATMUL_MAX_KEYS, cpu_attention, matmul_attention
+from utils.model.cpu_dropout import FastDropout, fast_dropout, keep_mask
+from utils.model.mlm_head import install_mlm_head
+from utils.model.tied_gradient import share_tied_gradient
 
 from .test_mlm_head import SMALL, tiny
 from .test_mlm_head import batch as mlm_batch
@@ -292,7 +292,7 @@ def test_speed_ups_keep_modernberts_local_attention_window(path, monkeypatch):
 MALLOC_PROBE = """
 import ctypes, sys, torch
 sys.path.insert(0, {repo!r})
-from utils.cpu_process import reuse_freed_memory
+from utils.train.cpu_process import reuse_freed_memory
 
 class Info(ctypes.Structure):  # struct mallinfo2: arena, ordblks, smblks, hblks, hblkhd, ...
     _fields_ = [(name, ctypes.c_size_t) for name in

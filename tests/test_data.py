@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.data import (
+from utils.data.pipeline import (
     BlockPacker,
     check_extension,
     find_text_column,
@@ -17,8 +17,8 @@ from utils.data import (
     resolve_data_files,
     split_off_validation,
 )
+from utils.data.tokenizer import train_wordpiece_tokenizer
 from utils.errors import UsageError
-from utils.tokenizer import train_wordpiece_tokenizer
 
 LINES = [f"sentence number {i} is about the weather today ." for i in range(40)]
 

@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-from utils.tokenizer import train_wordpiece_tokenizer
+from utils.data.tokenizer import train_wordpiece_tokenizer
 
 from .conftest import REPO, accelerate_launch, tiny_run_args
 
@@ -248,7 +248,7 @@ def test_two_nodes_on_localhost_train_and_save_once(corpus, tmp_path):
 def test_cpu_processes_get_their_share_of_the_cpus(monkeypatch):
     from types import SimpleNamespace
 
-    from utils.cpu_process import fit_cpu_threads
+    from utils.train.cpu_process import fit_cpu_threads
 
     before = torch.get_num_threads()
     usable = len(os.sched_getaffinity(0))
@@ -266,7 +266,7 @@ def test_cpu_processes_get_their_share_of_the_cpus(monkeypatch):
 def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
     code = (
         "import torch.distributed as dist\n"
-        "from utils.distributed import leave_process_group\n"
+        "from utils.train.distributed import leave_process_group\n"
         "leave_process_group()\n"  # no group yet: nothing to do
         f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=0, world_size=1)\n"
         "assert dist.is_initialized()\n"
@@ -301,7 +301,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from transformers import TrainerControl, TrainerState
-from utils.signals import GracefulStop
+from utils.train.signals import GracefulStop
 
 rank, rendezvous, signals = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
@@ -344,7 +344,7 @@ def test_one_process_stops_at_the_step_it_was_signalled():
 
     from transformers import TrainerControl, TrainerState
 
-    from utils.signals import GracefulStop
+    from utils.train.signals import GracefulStop
 
     stop = GracefulStop()
     args = SimpleNamespace(ddp_timeout=120, device=torch.device("cpu"), world_size=1, process_index=0,
@@ -386,7 +386,7 @@ def test_sigterm_to_the_launcher_stops_both_processes_after_one_step_with_a_chec
 TEARDOWN = """
 import sys
 import torch, torch.distributed as dist
-from utils.distributed import leave_process_group
+from utils.train.distributed import leave_process_group
 rank, root = int(sys.argv[1]), sys.argv[2]
 for i in range(40):
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous{i}", rank=rank, world_size=2)

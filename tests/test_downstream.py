@@ -6,9 +6,9 @@ import random
 import pytest
 from transformers import BertConfig, BertForMaskedLM
 
-from utils.downstream import ConfusionCounts, main, markdown_table, summarize
+from utils.data.tokenizer import train_wordpiece_tokenizer
 from utils.errors import UsageError
-from utils.tokenizer import train_wordpiece_tokenizer
+from utils.tools.downstream import ConfusionCounts, main, markdown_table, summarize
 
 from .conftest import REPO, accelerate_launch
 
@@ -227,7 +227,7 @@ def test_two_processes_give_the_one_process_results(tmp_path, task, tiny_model):
         args[args.index("--per_device_train_batch_size") + 1] = str(batch)
         args[args.index("--seeds") + 1] = "1"
         return accelerate_launch(config, args, launcher_args=["-m"], env={"HF_HOME": str(tmp_path / "hf")},
-                                 script="utils.downstream")
+                                 script="utils.tools.downstream")
 
     one = launch("accelerate_configs/cpu.yaml", tmp_path / "one", 16)
     two = launch("accelerate_configs/multi_cpu.yaml", tmp_path / "two", 8)
@@ -266,7 +266,7 @@ def test_run_mlm_compares_the_untrained_and_the_trained_model(tmp_path, corpus):
 def test_downstream_arguments_are_documented():
     import dataclasses
 
-    from utils.downstream import DownstreamArguments
+    from utils.tools.downstream import DownstreamArguments
 
     readme = (REPO / "README.md").read_text()
     for f in dataclasses.fields(DownstreamArguments):
@@ -274,7 +274,7 @@ def test_downstream_arguments_are_documented():
 
 
 def test_the_plot_has_a_title_naming_the_task_and_its_legend_covers_no_bar():
-    from utils.downstream import figure, summarize
+    from utils.tools.downstream import figure, summarize
 
     runs = {name: [{"seed": seed, "accuracy": acc, "f1_macro": acc - 0.01, "seconds": 1.0} for seed in (1, 2, 3)]
             for name, acc in (("untrained", 0.95), ("trained", 0.98))}

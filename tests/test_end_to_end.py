@@ -12,8 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from run_mlm import main
-from utils.precision import native_bf16
-from utils.tokenizer import train_wordpiece_tokenizer
+from utils.data.tokenizer import train_wordpiece_tokenizer
+from utils.train.precision import native_bf16
 
 from .conftest import accelerate_launch, tiny_run_args
 
@@ -122,7 +122,7 @@ def test_a_vocabulary_beyond_65536_keeps_its_ids(corpus, tmp_path):
     metrics = main(args)
     assert math.isfinite(metrics["eval_loss"]) and metrics["train_samples"] > 0
     # The blocks the run trained on (the datasets cache) hold the high ids, unchanged.
-    from utils.data import load_raw_datasets, preprocess_datasets
+    from utils.data.pipeline import load_raw_datasets, preprocess_datasets
 
     data_args = type("A", (), dict(dataset_name=None, dataset_config_name=None, train_file=[str(tmp_path / "big.txt")],
                                    validation_file=None, streaming=False, validation_split_percentage=0,

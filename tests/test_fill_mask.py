@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
+from utils.data.tokenizer import train_wordpiece_tokenizer
 from utils.errors import UsageError
-from utils.fill_mask import adapt_mask_token, format_predictions, predict_masks
-from utils.tokenizer import train_wordpiece_tokenizer
+from utils.tools.fill_mask import adapt_mask_token, format_predictions, predict_masks
 
 
 def test_mask_spellings_adapt_to_the_tokenizer():

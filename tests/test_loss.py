@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from utils.loss import masked_lm_loss
+from utils.model.loss import masked_lm_loss
 
 
 def tiny_bert():
@@ -48,7 +48,7 @@ def test_split_batches_sum_to_the_global_token_mean():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 16, 37])  # empty, one, a whole chunk, chunks and a partial one
 def test_chunked_cross_entropy_equals_torchs_in_value_and_gradient(dtype, rows):
-    from utils.loss import ChunkedCrossEntropySum
+    from utils.model.loss import ChunkedCrossEntropySum
 
     torch.manual_seed(rows)
     logits = (torch.randn(rows, 1000) * 3).to(dtype)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from utils.masking import build_collator, mask_eval_dataset
-from utils.tokenizer import train_wordpiece_tokenizer
+from utils.data.masking import build_collator, mask_eval_dataset
+from utils.data.tokenizer import train_wordpiece_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda".split()
 
@@ -95,7 +95,7 @@ def test_replacement_probabilities_are_honoured(tokenizer):
 
 
 def word_rows(tokenizer, text, n_rows):
-    from utils.data import word_starts_of
+    from utils.data.pipeline import word_starts_of
 
     encoded = tokenizer(text)
     return [{"input_ids": encoded["input_ids"], "word_starts": word_starts_of(encoded.word_ids())}] * n_rows, \
@@ -261,7 +261,7 @@ def test_capped_masks_keep_at_most_the_cap_per_row_a_subset_of_the_uncapped_draw
 
 
 def test_default_slots_cover_nearly_every_block():
-    from utils.masking import default_max_predictions
+    from utils.data.masking import default_max_predictions
 
     assert default_max_predictions(128, 0.15) == 32  # BERT's 20 would cap about 4 blocks in 10
     assert default_max_predictions(512, 0.15) == 104

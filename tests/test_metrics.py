@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from utils.metrics import MaskedAccuracy, perplexity
+from utils.train.metrics import MaskedAccuracy, perplexity
 
 
 def test_accuracy_counts_only_labelled_positions():

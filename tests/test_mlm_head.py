@@ -9,8 +9,8 @@ import torch
 from transformers import AttentionInterface, AutoConfig, AutoModelForMaskedLM, BertForMaskedLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from utils.cpu import speed_up_for_cpu
-from utils.mlm_head import install_mlm_head, predictions_at_labels
+from utils.model.cpu import speed_up_for_cpu
+from utils.model.mlm_head import install_mlm_head, predictions_at_labels
 
 VOCAB = 60
 SMALL = {
@@ -190,7 +190,7 @@ def test_unknown_families_fall_back_to_the_dense_head(caplog):
     model = AutoModelForMaskedLM.from_config(config)
     ids, mask, labels = batch()
     reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    with caplog.at_level("INFO", logger="utils.mlm_head"):
+    with caplog.at_level("INFO", logger="utils.model.mlm_head"):
         assert install_mlm_head(model) == "dense"
     assert "Sparse prediction is not available for MobileBertForMaskedLM" in caplog.text
     assert torch.allclose(model(input_ids=ids, attention_mask=mask, labels=labels).loss, reference, atol=1e-5)

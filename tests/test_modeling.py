@@ -5,9 +5,15 @@ from types import SimpleNamespace
 import pytest
 from transformers import CONFIG_MAPPING
 
+from utils.data.tokenizer import train_wordpiece_tokenizer
 from utils.errors import UsageError
-from utils.modeling import build_model, fit_config_to_tokenizer, load_config, position_limit, resolve_max_seq_length
-from utils.tokenizer import train_wordpiece_tokenizer
+from utils.model.modeling import (
+    build_model,
+    fit_config_to_tokenizer,
+    load_config,
+    position_limit,
+    resolve_max_seq_length,
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from utils.data import (
+from utils.data.encoding import encode_to_arrays
+from utils.data.pipeline import (
     BlockPacker,
     load_raw_datasets,
     preprocess_datasets,
     token_dtype,
 )
-from utils.encoding import encode_to_arrays
+from utils.data.streaming import _part_generator, iter_blocks, streaming_datasets, take_blocks
+from utils.data.tokenizer import train_wordpiece_tokenizer
 from utils.errors import UsageError
-from utils.streaming import _part_generator, iter_blocks, streaming_datasets, take_blocks
-from utils.tokenizer import train_wordpiece_tokenizer
 
 from .conftest import write_repetitive_corpus
 
@@ -142,7 +142,7 @@ def test_streaming_holds_out_evaluation_blocks_and_shards_training(tmp_path, tok
 def test_accelerate_gives_each_process_its_own_part_of_the_stream(tmp_path, tokenizer):
     # What the Trainer's accelerator does with the stream when run_mlm sets dispatch_batches=False.
     from accelerate.data_loader import prepare_data_loader
-    from torch.utils.data import DataLoader
+    from torch.utils.data.pipeline import DataLoader
 
     path = tmp_path / "train.txt"
     path.write_text("\n".join(TEXTS) + "\n")
@@ -170,7 +170,7 @@ def run_args(out, corpus, *extra):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, corpus):
-    from utils.prepare_dataset import main as prepare
+    from utils.tools.prepare_dataset import main as prepare
 
     root = tmp_path_factory.mktemp("prepared")
     manifest = prepare(run_args(root / "unused", corpus, "--validation_split_percentage", "10",
@@ -214,7 +214,7 @@ def test_training_from_prepared_data_skips_tokenizing(prepared, corpus, tmp_path
 ])
 def test_prepared_data_that_does_not_fit_the_run_is_refused(prepared, corpus, tmp_path, extra, message):
     from run_mlm import main
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     path, _ = prepared
     other_corpus = write_repetitive_corpus(tmp_path / "other.txt", n_lines=50, seed=1)
@@ -233,7 +233,7 @@ def test_prepared_data_that_does_not_fit_the_run_is_refused(prepared, corpus, tm
 
 
 def test_prepare_refuses_to_overwrite_without_asking(prepared, corpus):
-    from utils.prepare_dataset import main as prepare
+    from utils.tools.prepare_dataset import main as prepare
 
     path, _ = prepared
     with pytest.raises(UsageError, match="is not empty; pass --overwrite"):
@@ -243,7 +243,7 @@ def test_prepare_refuses_to_overwrite_without_asking(prepared, corpus):
 def test_missing_prepared_dataset_says_how_to_make_it(corpus, tmp_path):
     from run_mlm import main
 
-    with pytest.raises(UsageError, match=r"does not exist; write it with `python -m utils.prepare_dataset"):
+    with pytest.raises(UsageError, match=r"does not exist; write it with `python -m utils.tools.prepare_dataset"):
         main(run_args(tmp_path / "out", corpus, "--tokenized_dataset_path", str(tmp_path / "none")))
 
 

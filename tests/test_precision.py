@@ -6,8 +6,8 @@ from unittest import mock
 import pytest
 from transformers import TrainingArguments
 
-from utils import precision
 from utils.errors import UsageError
+from utils.train import precision
 
 
 def args(**kwargs):
@@ -54,7 +54,7 @@ def test_cpu_auto_takes_bf16_only_where_its_matmuls_are_clearly_faster(tmp_path,
         a = args()
         with mock.patch.object(precision, "native_bf16", return_value=(True, "this CPU")), \
                 mock.patch.object(precision, "matmul_rates", return_value=rates), \
-                caplog.at_level(logging.INFO, logger="utils.precision"):
+                caplog.at_level(logging.INFO, logger="utils.train.precision"):
             assert precision.apply_precision(a, "auto", shapes, tmp_path / str(case)) == expected
         assert a.bf16 == (expected == "bf16")
         line = caplog.records[-1].getMessage()

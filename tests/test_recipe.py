@@ -1,11 +1,11 @@
-"""The from-scratch recipe: what a from-scratch run takes when the user does not say (utils/recipe.py)."""
+"""The from-scratch recipe: what a from-scratch run takes when the user does not say (utils/train/recipe.py)."""
 
 import json
 
 import yaml
 
 from run_mlm import main
-from utils.model_card import RUN_ARGS_FILE
+from utils.train.model_card import RUN_ARGS_FILE
 
 from .conftest import tiny_run_args
 

@@ -12,10 +12,10 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from run_mlm import main
-from utils.callbacks import NonFiniteGradients, NonFiniteGuard
-from utils.checkpoints import lock_output_dir, unlock_output_dir
+from utils.data.tokenizer import train_wordpiece_tokenizer
 from utils.errors import UsageError
-from utils.tokenizer import train_wordpiece_tokenizer
+from utils.train.callbacks import NonFiniteGradients, NonFiniteGuard
+from utils.train.checkpoints import lock_output_dir, unlock_output_dir
 
 from .conftest import REPO, tiny_run_args
 
@@ -206,7 +206,7 @@ def test_nonfinite_loss_skip_keeps_bad_steps_out_of_the_weights(tmp_path, caplog
     from .conftest import write_repetitive_corpus
 
     corpus = write_repetitive_corpus(tmp_path / "c.txt", n_lines=600)
-    with caplog.at_level("WARNING", logger="utils.training"):
+    with caplog.at_level("WARNING", logger="utils.train.trainer"):
         main(diverging_args(tmp_path / "skip", corpus, "--nonfinite_loss", "skip", "--do_eval", "false"))
     skipped = [r.getMessage() for r in caplog.records if "non-finite gradients" in r.getMessage()]
     # Step 1 applies a huge but finite update; every later step overflows and is skipped.
@@ -320,7 +320,7 @@ def test_undecodable_bytes_are_located_in_the_text_not_the_compressed_file(tmp_p
     import gzip
     import lzma
 
-    from utils.data import find_undecodable
+    from utils.data.pipeline import find_undecodable
 
     text = b"line one\nline two\n" * 100_000 + b"caf\xc3x\n"  # past the first 1 MB read
     opener = {"": open, ".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]

@@ -56,7 +56,7 @@ def test_a_finished_time_budget_run_is_finished_until_the_budget_is_raised(corpu
 
 
 def test_an_interrupted_then_resumed_run_reports_the_whole_run(corpus, tmp_path, monkeypatch):
-    from utils.signals import GracefulStop
+    from utils.train.signals import GracefulStop
 
     def args(out):
         return tiny_run_args(out, corpus, "--max_steps", "60", "--save_strategy", "steps", "--save_steps", "13",

@@ -200,7 +200,7 @@ def test_the_saved_model_is_readable_like_every_other_file_of_the_run(corpus, tm
 
 def test_a_directory_as_train_file_says_so_and_how_to_name_its_files(corpus, tmp_path):
     # Before: "unsupported extension (none)" (issue #31). The suggested pattern then works.
-    from utils.data import resolve_data_files
+    from utils.data.pipeline import resolve_data_files
 
     folder = corpus.parent
     with pytest.raises(UsageError, match=r"--train_file .* is a directory; name its files, for example "
@@ -228,7 +228,7 @@ def test_the_log_opens_with_a_readable_summary(corpus, tmp_path, caplog):
     # Issue #30: what the script changed in the parsed arguments, listed once, each with why,
     # and saved with every effective value.
     changed = arguments[0].split("Set by this script (saved in effective_args.json):\n")[1].splitlines()
-    assert "  remove_unused_columns: True -> False (the MLM pipeline (utils.training.adjust_training_args))" \
+    assert "  remove_unused_columns: True -> False (the MLM pipeline (utils.train.trainer.adjust_training_args))" \
         in changed
     saved = json.loads((tmp_path / "out" / "effective_args.json").read_text())
     assert saved["changed_by_this_script"] == [line[2:] for line in changed]
@@ -241,13 +241,13 @@ def test_a_block_longer_than_the_models_positions_is_refused_before_any_tokenize
                                                                                              monkeypatch):
     # Issue #31: from scratch with max_position_embeddings set in --config_overrides, the
     # refusal came only after the corpus was read and a tokenizer trained and cached.
-    from utils import data, tokenizer
-
+    from utils.data import pipeline as data_pipeline
+    from utils.data import tokenizer
     def never(*args, **kwargs):
         raise AssertionError("work was done before the length check")
 
     monkeypatch.setattr(tokenizer, "load_or_train_tokenizer", never)
-    monkeypatch.setattr(data, "load_text", never)
+    monkeypatch.setattr(data_pipeline, "load_text", never)
     with pytest.raises(UsageError, match=r"--max_seq_length 100000 exceeds the 64 positions this bert model has; "
                                          r"use --max_seq_length 64 or less or raise max_position_embeddings"):
         main(tiny_run_args(tmp_path / "out", corpus, "--max_seq_length", "100000"))

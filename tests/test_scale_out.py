@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from utils.masking import build_collator
+from utils.data.masking import build_collator
 
 from .test_masking import WORDS, train_word_tokenizer
 
@@ -91,8 +91,7 @@ def test_zero3_partitioned_model_keeps_its_padded_vocabulary_and_counts_its_para
 
     from transformers import AutoModelForMaskedLM, BertConfig
 
-    from utils import modeling
-
+    from utils.model import modeling
     config = BertConfig(vocab_size=len(word_tokenizer) + 42, hidden_size=32, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     whole = AutoModelForMaskedLM.from_config(config)
@@ -107,7 +106,7 @@ def test_zero3_partitioned_model_keeps_its_padded_vocabulary_and_counts_its_para
     resized = []
     monkeypatch.setattr(type(whole), "resize_token_embeddings", lambda self, n, *a, **k: resized.append(n))
     model_args = SimpleNamespace(model_name_or_path=None, dtype=None, trust_remote_code=False)
-    with caplog.at_level(logging.INFO, logger="utils.modeling"):
+    with caplog.at_level(logging.INFO, logger="utils.model.modeling"):
         model = modeling.build_model(model_args, config, word_tokenizer)
     assert resized == []
     assert model.get_input_embeddings().num_embeddings == len(word_tokenizer) + 42
@@ -157,7 +156,7 @@ def test_fp16_run_that_overflows_at_every_scale_stops_as_diverged(tmp_path):
     # says why, naming the remedy; a finite step in between starts the count again.
     from transformers import TrainerControl, TrainerState
 
-    from utils.callbacks import NonFiniteGradients, NonFiniteGuard
+    from utils.train.callbacks import NonFiniteGradients, NonFiniteGuard
 
     guard = NonFiniteGuard("stop")
     optimizer = SimpleNamespace(scaler=object())
@@ -180,8 +179,8 @@ def test_fp16_run_that_overflows_at_every_scale_stops_as_diverged(tmp_path):
 def test_deepspeed_refuses_skipping_nonfinite_steps_in_one_line():
     # Issue #28, item 3, at the boundary (DeepSpeed needs GPUs): its engine applies the step
     # inside backward, so "skip" could not skip; the run refuses the option before starting.
-    from utils.callbacks import check_nonfinite_option
     from utils.errors import UsageError
+    from utils.train.callbacks import check_nonfinite_option
 
     with pytest.raises(UsageError, match="--nonfinite_loss skip does not work with DeepSpeed"):
         check_nonfinite_option("skip", deepspeed=True)
@@ -192,7 +191,7 @@ def test_deepspeed_refuses_skipping_nonfinite_steps_in_one_line():
 def test_deepspeed_nonfinite_step_stops_saying_it_was_applied_and_its_fp16_overflows_are_left_to_it(tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from utils.callbacks import NonFiniteGradients, NonFiniteGuard
+    from utils.train.callbacks import NonFiniteGradients, NonFiniteGuard
 
     guard = NonFiniteGuard("stop")
     args = SimpleNamespace(output_dir=str(tmp_path))
@@ -293,8 +292,7 @@ from types import SimpleNamespace
 from unittest import mock
 import torch
 import torch.distributed as dist
-from utils import precision
-
+from utils.train import precision
 rank, rendezvous, cache = int(sys.argv[1]), sys.argv[2], sys.argv[3] + sys.argv[1]
 dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
 # Rank r is the first process of machine r; machine 0's CPU runs bf16 faster, machine 1's fp32.
@@ -331,8 +329,7 @@ def test_precision_fp32_rebuilds_a_deepspeed_config_made_for_bf16(monkeypatch):
     # TrainingArguments fills DeepSpeed's precision in __post_init__, before --precision.
     import accelerate.utils
 
-    from utils import precision
-
+    from utils.train import precision
     made = []
 
     class Plugin:
@@ -374,7 +371,7 @@ def test_attention_auto_on_a_cuda_gpu_is_chosen_per_family_and_data_shape(monkey
     import transformers.utils
     from transformers import CONFIG_MAPPING
 
-    from utils.modeling import choose_attention
+    from utils.model.modeling import choose_attention
 
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     args = SimpleNamespace(device=torch.device("cuda"), bf16=True, fp16=False)
@@ -405,7 +402,7 @@ def shard_texts(shard: int, n: int = 40) -> list[str]:
 def test_each_process_streams_only_its_own_shards(word_tokenizer):
     # Issue #28, item 7. Before: every process read (downloaded, parsed) the whole stream and
     # kept every N-th text. Now, with a multiple of N shards, each reads its own shards only.
-    from utils.streaming import _part_generator, describe_share, part_texts
+    from utils.data.streaming import _part_generator, describe_share, part_texts
 
     opened = []
     raw = sharded_stream([shard_texts(s) for s in range(4)], opened)
@@ -432,8 +429,8 @@ def test_a_share_of_the_stream_that_ends_is_read_again_so_processes_stay_in_step
     # Issue #28, item 7: shares of different lengths. Before, a process whose share ended
     # ended its epoch alone (mid-accumulation: its gradient all-reduce met another step of the
     # other processes). Now a share is read again, and --max_steps alone ends the training.
+    from utils.data.streaming import _part_generator
     from utils.errors import UsageError
-    from utils.streaming import _part_generator
 
     raw = sharded_stream([shard_texts(0, 40), shard_texts(1, 4)], [])  # share 1 is a tenth of share 0
     kwargs = dict(raw=raw, text_column="text", tokenizer=word_tokenizer, block_size=16, n_parts=2, skip_texts=0,
@@ -457,8 +454,7 @@ def test_a_share_resumed_from_a_row_position_goes_on_with_the_next_block_tokeniz
     # (across the end of a pass too) and tokenizes no text before it.
     import itertools
 
-    from utils import streaming
-
+    from utils.data import streaming
     raw = sharded_stream([shard_texts(0, 30), shard_texts(1, 30)], [])
     kwargs = dict(raw=raw, text_column="text", tokenizer=word_tokenizer, block_size=16, n_parts=2, skip_texts=0,
                   max_blocks=None)

@@ -20,10 +20,10 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast
 
-from utils.data import preprocess_datasets, word_starts_of
-from utils.encoding import encode_to_arrays, exact_copy, is_exact, own_padding
+from utils.data.encoding import encode_to_arrays, exact_copy, is_exact, own_padding
+from utils.data.pipeline import preprocess_datasets, word_starts_of
+from utils.data.streaming import iter_blocks
 from utils.errors import UsageError
-from utils.streaming import iter_blocks
 
 from .conftest import write_repetitive_corpus
 from .tokenizer_families import (
@@ -148,7 +148,7 @@ def test_two_workers_tokenize_with_the_exact_copy(families, tmp_path):
     tokenizer = families("roberta-bytelevel-bpe", "padded")
     path = tmp_path / "texts.txt"
     path.write_text("\n".join(t.replace("\n", " ") for t in TEXTS) + "\n", encoding="utf-8")
-    from utils.data import load_raw_datasets
+    from utils.data.pipeline import load_raw_datasets
 
     raw = load_raw_datasets(args(train_file=[str(path)]), SimpleNamespace(cache_dir=None, token=None))
     lines = [t for t in raw["train"]["text"] if t and not t.isspace()]
@@ -252,8 +252,8 @@ def test_run_mlm_trains_on_the_texts_tokens_not_on_a_tokenizers_padding(tmp_path
 
 
 def test_prepared_data_holds_exact_ids_and_old_padded_preparations_are_refused(tmp_path):
-    from utils import prepare_dataset
-    from utils.prepared import load_prepared
+    from utils.data.prepared import load_prepared
+    from utils.tools import prepare_dataset
 
     corpus = write_repetitive_corpus(tmp_path / "train.txt", n_lines=300)
     checkpoint = sentence_transformers_checkpoint(tmp_path)
@@ -288,7 +288,7 @@ def test_prepared_data_holds_exact_ids_and_old_padded_preparations_are_refused(t
 
 
 def test_a_trained_tokenizer_is_exact():
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     tokenizer = train_wordpiece_tokenizer(iter(NON_BLANK * 2), vocab_size=300)
     assert is_exact(tokenizer) and own_padding(tokenizer) is None

@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from utils.data.tokenizer import check_mask_token, train_wordpiece_tokenizer
 from utils.errors import UsageError
-from utils.tokenizer import check_mask_token, train_wordpiece_tokenizer
 
 
 def test_trained_tokenizer_wraps_text_and_reloads(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from run_mlm import main
+from utils.data.tokenizer_kinds import FAMILIES, choose, kind_of, train_tokenizer, unknown_rate
 from utils.errors import UsageError
-from utils.tokenizer_kinds import FAMILIES, choose, kind_of, train_tokenizer, unknown_rate
 
 from .conftest import tiny_run_args
 from .tokenizer_families import awkward_texts, training_text
@@ -100,7 +100,7 @@ def test_a_cased_family_told_to_lowercase_is_refused():
 def test_training_reads_a_bounded_sample_evenly(tmp_path):
     from datasets import Dataset
 
-    from utils.tokenizer import _text_batches
+    from utils.data.tokenizer import _text_batches
 
     dataset = Dataset.from_dict({"text": [f"line {i} " + "x" * 95 for i in range(10_000)]})  # ~1 MB
     batches = list(_text_batches(dataset, "text", max_chars=300_000))
@@ -138,7 +138,7 @@ def test_from_scratch_run_trains_its_familys_tokenizer(corpus, tmp_path, model_t
 
 
 def test_prepared_data_of_another_kind_is_refused(corpus, tmp_path):
-    from utils.prepare_dataset import main as prepare
+    from utils.tools.prepare_dataset import main as prepare
 
     data = tmp_path / "data"
     prepare(tiny_run_args(tmp_path / "unused", corpus, "--tokenized_dataset_path", str(data)))

@@ -45,9 +45,9 @@ def test_whole_word_blocks_carry_word_starts_and_words_are_masked_whole(corpus, 
 
     import torch
 
-    from utils.data import load_raw_datasets, preprocess_datasets
-    from utils.masking import build_collator
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.masking import build_collator
+    from utils.data.pipeline import load_raw_datasets, preprocess_datasets
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     text = glued_corpus(tmp_path / "glued.txt", corpus)
     tokenizer = train_wordpiece_tokenizer(corpus.read_text().splitlines(), vocab_size=120)
@@ -93,7 +93,7 @@ def test_whole_word_resume_equals_an_uninterrupted_run(corpus, tmp_path):
 
 def test_whole_word_on_two_processes_equals_one(corpus, tmp_path):
     text = glued_corpus(tmp_path / "glued.txt", corpus)
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     train_wordpiece_tokenizer(corpus.read_text().splitlines(), vocab_size=120).save_pretrained(tmp_path / "tok")
 

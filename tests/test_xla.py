@@ -110,7 +110,7 @@ def test_xla_environment_is_not_used_by_the_main_one():
 
 def test_nonfinite_skip_is_refused_on_xla_and_stop_is_announced():
     from utils.errors import UsageError
-    from utils.xla import nonfinite_check_note
+    from utils.train.xla import nonfinite_check_note
 
     with pytest.raises(UsageError, match="--nonfinite_loss skip is not supported on XLA"):
         nonfinite_check_note("skip")
@@ -119,10 +119,10 @@ def test_nonfinite_skip_is_refused_on_xla_and_stop_is_announced():
 
 @needs_xla
 def test_downstream_fine_tunes_on_xla(tmp_path, corpus):
-    """utils.downstream under the TPU config: classification on torch_xla's CPU backend, static shapes."""
+    """utils.tools.downstream under the TPU config: classification on torch_xla's CPU backend, static shapes."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from utils.tokenizer import train_wordpiece_tokenizer
+    from utils.data.tokenizer import train_wordpiece_tokenizer
 
     from .test_downstream import labelled_rows, write_csv
 
@@ -137,7 +137,7 @@ def test_downstream_fine_tunes_on_xla(tmp_path, corpus):
     env.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run(
         [XLA_PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs/tpu.yaml"),
-         "-m", "utils.downstream", "--models", f"tiny={model}", "--train_file", train, "--validation_file", dev,
+         "-m", "utils.tools.downstream", "--models", f"tiny={model}", "--train_file", train, "--validation_file", dev,
          "--seeds", "1", "--output_dir", str(tmp_path / "out"), "--learning_rate", "5e-3", "--num_train_epochs", "3",
          "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_seq_length", "32",
          "--disable_tqdm", "true"],
@@ -198,7 +198,7 @@ def replica_args(rank, world=2, local_rank=None):
 def test_processes_answers_who_and_how_for_every_backend():
     import torch
 
-    from utils.distributed import Processes, processes
+    from utils.train.distributed import Processes, processes
 
     cpu = SimpleNamespace(process_index=0, local_process_index=-1, world_size=1, device=torch.device("cpu"))
     assert processes(cpu) == Processes(rank=0, local_rank=0, world=1, backend="single")
@@ -212,8 +212,7 @@ def test_processes_answers_who_and_how_for_every_backend():
 def test_on_xla_waits_and_broadcasts_use_xla_rendezvous_never_torch_distributed(monkeypatch, rank):
     import pickle
 
-    from utils import distributed
-
+    from utils.train import distributed
     sent = {"tokenizer.json": b"{}"}
     calls = fake_torch_xla(monkeypatch, payloads_from_replica_0=pickle.dumps(sent))
     no_torch_distributed(monkeypatch)
@@ -260,8 +259,8 @@ COLLECTIVES = ("barrier", "broadcast_object_list", "broadcast", "all_reduce", "a
 def test_bf16_on_a_tpu_is_autocast_with_fp32_weights_not_xla_use_bf16(monkeypatch, precision):
     import torch
 
-    from utils.precision import apply_precision
-    from utils.xla import XLAAutocast
+    from utils.train.precision import apply_precision
+    from utils.train.xla import XLAAutocast
 
     fake_torch_xla(monkeypatch, device_type="TPU")
     args = SimpleNamespace(device=torch.device("xla", 0), mixed_precision="no", bf16=False, fp16=False,
@@ -291,7 +290,7 @@ def test_bf16_on_a_tpu_is_autocast_with_fp32_weights_not_xla_use_bf16(monkeypatc
 def test_fp32_on_a_tpu_and_auto_on_xlas_cpu_backend_stay_fp32(monkeypatch):
     import torch
 
-    from utils.precision import apply_precision
+    from utils.train.precision import apply_precision
 
     fake_torch_xla(monkeypatch, device_type="CPU")  # torch_xla's CPU backend has no bf16 units
     args = SimpleNamespace(device=torch.device("xla", 0), mixed_precision="no", bf16=False, fp16=False,
@@ -305,7 +304,7 @@ def test_a_stop_raised_in_a_replica_reaches_the_launcher_intact():
     # torch_xla's launcher sends a replica's exception to the launching process pickled.
     import pickle
 
-    from utils.signals import Interrupted
+    from utils.train.signals import Interrupted
 
     error = pickle.loads(pickle.dumps(Interrupted("SIGTERM", 524, "outputs/run")))
     assert (str(error), error.exit_code) == ("SIGTERM at step 524: saved outputs/run/checkpoint-524; run the same "
@@ -319,8 +318,8 @@ import json, sys, torch, torch_xla
 sys.path.insert(0, {repo!r})
 import torch_xla.debug.metrics as met
 from transformers import BertConfig, BertForMaskedLM
-from utils.masking import cap_selection
-from utils.mlm_head import install_mlm_head
+from utils.data.masking import cap_selection
+from utils.model.mlm_head import install_mlm_head
 
 device = torch_xla.device()
 def model():

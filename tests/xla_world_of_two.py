@@ -3,7 +3,7 @@
 torch_xla's CPU backend cannot run two replicas here: its replicas are threads of one
 process, which compile their graphs separately and never meet in a collective. So this
 launches one real replica and tells the code there are two, at the one place it asks
-(`TrainingArguments.world_size`, which `utils.distributed.processes` reads). XLA's own
+(`TrainingArguments.world_size`, which `utils.train.distributed.processes` reads). XLA's own
 rendezvous runs for real (with one participant) and is recorded; every torch.distributed
 collective raises, as it would on a TPU, where accelerate creates no process group.
 

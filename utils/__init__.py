@@ -1,1 +1,1 @@
-"""Helpers behind run_mlm.py: arguments, data, tokenizer, model, metrics and outputs."""
+"""Helpers behind run_mlm.py, by concern: data/, model/, train/, tools/, and the shared args, backend, errors, logs."""

@@ -5,22 +5,22 @@ from (seed, step, row), so the same tokens are masked on every backend), the mod
 MLM head, the loss, the Trainer. The differences, decided here from the device the Trainer
 picked and applied by the module named:
 
-- `--precision auto` (utils.precision): on a CPU, bf16 where its bf16 matmuls outrun fp32 at
+- `--precision auto` (utils.train.precision): on a CPU, bf16 where its bf16 matmuls outrun fp32 at
   the model's shapes (timed once per machine); on a GPU, bf16 where it has bf16 units; on
   XLA, bf16 autocast on a TPU with weights in fp32.
 - Kernels: on a CPU, cheaper dropout, matmul attention, one tied gradient and malloc keeping
-  freed memory (utils.cpu), but not for a sharded model; on CUDA, FlashAttention-2 for padded
-  rows in half precision where it is installed (utils.modeling); on XLA, transformers' own.
-- Shapes (utils.xla, utils.masking): static on XLA (padded rows, a fixed number of
+  freed memory (utils.model.cpu), but not for a sharded model; on CUDA, FlashAttention-2 for padded
+  rows in half precision where it is installed (utils.model.modeling); on XLA, transformers' own.
+- Shapes (utils.train.xla, utils.data.masking): static on XLA (padded rows, a fixed number of
   prediction slots per block, whole evaluation batches), so that the graph compiles once;
   elsewhere as each batch comes.
-- Threads (utils.distributed): on a CPU, each process gets its share of the usable CPUs.
+- Threads (utils.train.distributed): on a CPU, each process gets its share of the usable CPUs.
 - Data loader: no pinned memory on a CPU (it only warns there).
-- Stop on SIGTERM/SIGINT (utils.signals.GracefulStop): a vote on a gloo group; on XLA,
+- Stop on SIGTERM/SIGINT (utils.train.signals.GracefulStop): a vote on a gloo group; on XLA,
   torch_xla's preemption vote.
 - nan/inf guard: every step, except on XLA, where reading the gradients would cut the graph
   (compilations are counted instead).
-- Replicas (utils.xla.start_replicas_equal): on XLA they start from replica 0's weights.
+- Replicas (utils.train.xla.start_replicas_equal): on XLA they start from replica 0's weights.
 
 Inside kernels the tensors say where they are (`x.device.type`): a CPU kernel hands a tensor
 on another device to torch's own operation.
@@ -80,5 +80,5 @@ class Backend:
 
     @property
     def flash_attention(self) -> bool:
-        """Whether FlashAttention-2 can be chosen (CUDA, half precision, installed: utils.modeling)."""
+        """Whether FlashAttention-2 can be chosen (CUDA, half precision, installed: utils.model.modeling)."""
         return self.device == "cuda"

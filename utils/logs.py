@@ -28,7 +28,7 @@ def setup_logging(training_args) -> None:
     datasets.utils.logging.set_verbosity(library_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    from utils.distributed import processes
+    from utils.train.distributed import processes
 
     who = processes(training_args)
     main = who.local_rank == 0 if training_args.log_on_each_node else who.rank == 0
@@ -41,7 +41,7 @@ def setup_logging(training_args) -> None:
 
 def log_process(training_args) -> None:
     """One line per process: its rank, device and mixed precision (after the precision is chosen)."""
-    from utils.distributed import processes
+    from utils.train.distributed import processes
 
     who = processes(training_args)
     # Set by --bf16/--fp16 or by the accelerate config's mixed_precision; on XLA, bf16 is our own autocast.

@@ -2,7 +2,7 @@
 
 Inputs are counts per batch, not token ids: callers count on the device where the
 predictions are (GPU, TPU) and hand over two numbers per batch, so neither logits nor ids
-have to be stored or copied (`utils.metrics.MaskedAccuracy` does the counting).
+have to be stored or copied (`utils.train.metrics.MaskedAccuracy` does the counting).
 """
 
 import datasets

@@ -45,7 +45,7 @@ def adapt_for_xla(training_args, data_args) -> list[str]:
 
 
 class XLAAutocast:
-    """Trainer mixin: bf16 autocast on XLA when `utils.precision.apply_precision` chose it.
+    """Trainer mixin: bf16 autocast on XLA when `utils.train.precision.apply_precision` chose it.
 
     transformers leaves autocast to accelerate, which on a TPU does not autocast bf16 but
     exports XLA_USE_BF16 (everything stored in bf16). Here the forward passes of training

@@ -121,11 +121,11 @@ def _group():
 
 
 def vote_group(training_args):
-    """A gloo group of all processes for the stop vote (utils.signals.GracefulStop); None unless "torch".
+    """A gloo group of all processes for the stop vote (utils.train.signals.GracefulStop); None unless "torch".
 
     Its own group, with the training's ddp_timeout: gloo runs beside NCCL, so reading the
     vote never waits on a GPU, and it never queues behind the preprocessing waits of
-    `_group()`. XLA agrees on a stop its own way (`utils.xla.PreemptionVote`).
+    `_group()`. XLA agrees on a stop its own way (`utils.train.xla.PreemptionVote`).
     """
     import torch.distributed as dist
 
@@ -217,7 +217,7 @@ def shard_for_fsdp2(trainer) -> str | None:
     model = trainer.model
     if isinstance(model, FSDPModule):
         return None
-    from utils.modeling import tied_parameter_names
+    from utils.model.modeling import tied_parameter_names
 
     shared = {id(model.get_parameter(name)) for name in tied_parameter_names(model)}
     classes = set(plugin.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or ())

@@ -9,8 +9,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from utils.checkpoints import last_complete_checkpoint
 from utils.errors import RunError
+from utils.train.checkpoints import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 

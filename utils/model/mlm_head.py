@@ -22,11 +22,11 @@ On XLA (TPU) the number of masked tokens, which changes every batch, must not be
 shape: each change would compile a new graph. There the head works on a fixed number of
 slots per block (`slots`, BERT's max_predictions_per_seq): each row's masked positions,
 padded with ignored slots, gathered into a (rows, slots) grid; the masking caps a block's
-masked tokens at that number (`utils.masking.cap_selection`), so no label is lost.
+masked tokens at that number (`utils.data.masking.cap_selection`), so no label is lost.
 
 The loss is summed over masked tokens and divided by `num_items_in_batch`, the Trainer's
 count of masked tokens in the whole global batch, so that it is their exact mean on 1 or
-N processes and with gradient accumulation (see `utils.loss`).
+N processes and with gradient accumulation (see `utils.model.loss`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from utils.cpu import ATTENTION_NAME
-from utils.loss import masked_lm_loss
+from utils.model.cpu import ATTENTION_NAME
+from utils.model.loss import masked_lm_loss
 
 logger = logging.getLogger(__name__)
 

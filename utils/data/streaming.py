@@ -17,10 +17,10 @@ from functools import partial
 import numpy as np
 from datasets import Dataset, Features, IterableDataset, List, Value
 
-from utils.data import BlockPacker, _non_blank, text_column_of, token_dtype
-from utils.encoding import encode_to_arrays, exact_copy, is_exact
+from utils.data.encoding import encode_to_arrays, exact_copy, is_exact
+from utils.data.masking import STREAM_POSITION
+from utils.data.pipeline import BlockPacker, _non_blank, text_column_of, token_dtype
 from utils.errors import UsageError
-from utils.masking import STREAM_POSITION
 
 logger = logging.getLogger(__name__)
 

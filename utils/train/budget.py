@@ -239,7 +239,7 @@ class TimeBudget(TrainerCallback):
         return self.step + max(0, int((self.seconds - self.elapsed) / max(per_step, 1e-9)))
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from utils.distributed import processes, vote_group
+        from utils.train.distributed import processes, vote_group
 
         who = processes(args)
         if who.backend == "torch":

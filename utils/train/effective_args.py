@@ -17,7 +17,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from utils.model_card import SECRET_FIELDS, _plain
+from utils.train.model_card import SECRET_FIELDS, _plain
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Changes(list):
             for f in dataclasses.fields(group):
                 if not f.name.startswith("_"):
                     values[f.name] = _plain(getattr(group, f.name, None))
-            # Set outside the fields by transformers or by utils.precision (no dataclass field).
+            # Set outside the fields by transformers or by utils.train.precision (no dataclass field).
             for name in ("mixed_precision", "xla_autocast_bf16"):
                 if hasattr(group, name) and name not in values:
                     values[name] = _plain(getattr(group, name))
@@ -76,17 +76,17 @@ def settle(model_args, data_args, training_args, *, tensorboard_default: bool, t
     """Set what the run decides, in this order, and return what changed.
 
     - `tensorboard_default`: --report_to was not given and TensorBoard is installed: log to it.
-    - the precision (`--precision`, utils.precision: on a CPU timed at the model's shapes);
-    - on XLA, the settings that keep shapes static (utils.xla);
+    - the precision (`--precision`, utils.train.precision: on a CPU timed at the model's shapes);
+    - on XLA, the settings that keep shapes static (utils.train.xla);
     - `time_budget_only`: a --max_train_time with neither --max_steps nor epochs given: the
       budget alone ends the run;
     - streaming: each process reads its own shards; `stream_resumed`: the stream starts where
       the checkpoint says, so the Trainer skips no batches;
-    - what the Trainer must do for the MLM pipeline (utils.training.adjust_training_args).
+    - what the Trainer must do for the MLM pipeline (utils.train.trainer.adjust_training_args).
     """
-    from utils import budget, xla
-    from utils.precision import apply_precision
-    from utils.training import adjust_training_args
+    from utils.train import budget, xla
+    from utils.train.precision import apply_precision
+    from utils.train.trainer import adjust_training_args
 
     changes = Changes(model_args, data_args, training_args)
     if tensorboard_default:
@@ -107,7 +107,7 @@ def settle(model_args, data_args, training_args, *, tensorboard_default: bool, t
         if stream_resumed:
             with changes.step("the stream resumes where the checkpoint says; no batches to skip"):
                 training_args.ignore_data_skip = True
-    with changes.step("the MLM pipeline (utils.training.adjust_training_args)"):
+    with changes.step("the MLM pipeline (utils.train.trainer.adjust_training_args)"):
         adjust_training_args(training_args)
     return changes
 

@@ -1,10 +1,10 @@
 """Faster training on CPUs, in one call: cheaper dropout, attention that suits the CPU kernels, one tied gradient,
 reused memory. Each is a module of its own, with what it was measured to save:
 
-- utils.cpu_dropout: dropout masks four per random number (a quarter of each step was `bernoulli_`);
-- utils.cpu_attention: matmul-softmax-matmul attention while training (SDPA's unfused math path with dropout);
-- utils.tied_gradient: the tied embedding's gradient rows added into the MLM head's (no dense sum);
-- utils.cpu_process: glibc's malloc keeps freed memory (no page faults on every step's tensors).
+- utils.model.cpu_dropout: dropout masks four per random number (a quarter of each step was `bernoulli_`);
+- utils.model.cpu_attention: matmul-softmax-matmul attention while training (SDPA's unfused math path with dropout);
+- utils.model.tied_gradient: the tied embedding's gradient rows added into the MLM head's (no dense sum);
+- utils.train.cpu_process: glibc's malloc keeps freed memory (no page faults on every step's tensors).
 
 Nothing here changes what is computed in distribution: dropout rates, attention masks
 and the model's weights stay as configured. GPUs and evaluation keep transformers' paths.
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from utils.cpu_attention import ATTENTION_NAME, cpu_attention
-from utils.cpu_dropout import FastDropout
-from utils.cpu_process import reuse_freed_memory
-from utils.tied_gradient import share_tied_gradient
+from utils.model.cpu_attention import ATTENTION_NAME, cpu_attention
+from utils.model.cpu_dropout import FastDropout
+from utils.model.tied_gradient import share_tied_gradient
+from utils.train.cpu_process import reuse_freed_memory
 
 
 def speed_up_for_cpu(model, reuse_memory: bool = True, dropout: bool = True, attention: bool = True,

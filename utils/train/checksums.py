@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from utils.distributed import process_logger
+from utils.train.distributed import process_logger
 
 
 def parameter_checksum(model) -> str:

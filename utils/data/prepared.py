@@ -1,4 +1,4 @@
-"""Data tokenized and packed ahead (`utils/prepare_dataset.py` writes it): the directory, its manifest, and checks.
+"""Data tokenized and packed ahead (utils/tools/prepare_dataset.py writes it): the directory, its manifest, checks.
 
 The directory holds one folder of Arrow shards per split (`datasets.load_from_disk`
 reads them memory-mapped), the tokenizer, and `manifest.json`: tokenizer fingerprint,
@@ -16,9 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-from utils.encoding import exact_copy
+from utils.data.encoding import exact_copy
+from utils.data.tokenizer_kinds import kind_of
 from utils.errors import UsageError
-from utils.tokenizer_kinds import kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def read_manifest(path: str) -> dict:
     if not manifest_path.exists():
         what = "does not exist" if not Path(path).exists() else f"has no {MANIFEST}"
         raise UsageError(f"--tokenized_dataset_path {path} {what}; write it with "
-                         f"`python -m utils.prepare_dataset ARGS --tokenized_dataset_path {path}`")
+                         f"`python -m utils.tools.prepare_dataset ARGS --tokenized_dataset_path {path}`")
     try:
         return json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
@@ -119,8 +119,8 @@ def check_manifest(manifest: dict, path: str, tokenizer, data_args) -> None:
         if padded:
             raise UsageError(f"--tokenized_dataset_path {path} was prepared by an earlier version that kept its "
                              f"tokenizer's own padding and truncation ({padded}): its blocks hold padding and cut "
-                             "texts, not the text's tokens; prepare it again (python -m utils.prepare_dataset ... "
-                             "--overwrite)")
+                             "texts, not the text's tokens; prepare it again "
+                             "(python -m utils.tools.prepare_dataset ... --overwrite)")
     elif manifest.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"--tokenized_dataset_path {path} was written by another version of prepare_dataset "
                          f"(format {manifest.get('format_version')}, this one reads {FORMAT_VERSION}); prepare "

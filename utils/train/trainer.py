@@ -11,18 +11,18 @@ import torch
 from transformers import Trainer
 
 from utils.backend import Backend
-from utils.callbacks import NonFiniteGuard, ThroughputCallback
-from utils.masking import STREAM_POSITION
-from utils.metrics import MaskedAccuracy
-from utils.mlm_head import predictions_at_labels
-from utils.xla import XLAAutocast
+from utils.data.masking import STREAM_POSITION
+from utils.model.mlm_head import predictions_at_labels
+from utils.train.callbacks import NonFiniteGuard, ThroughputCallback
+from utils.train.metrics import MaskedAccuracy
+from utils.train.xla import XLAAutocast
 
 logger = logging.getLogger(__name__)
 
 
 def adjust_training_args(training_args) -> None:
-    """What the Trainer must do for this MLM pipeline, each for a stated reason (utils.effective_args.settle
-    calls it with the other changes; utils.downstream for its fine-tuning)."""
+    """What the Trainer must do for this MLM pipeline, each for a stated reason (utils.train.effective_args.settle
+    calls it with the other changes; utils.tools.downstream for its fine-tuning)."""
     if not Backend.of(training_args).pins_memory:
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     # Every parameter of an MLM takes part in every step, so DDP's search for unused
@@ -49,8 +49,8 @@ class MLMTrainer(XLAAutocast, Trainer):
     data_checksum = None  # a tensor on the device: a weighted sum of every token id this process trained on
     stream_position = None  # streaming: where this process's share goes on after the rows trained on so far
     stream_resumed_from = None  # streaming: the checkpoint the stream resumed from, until its first step
-    time_budget = None  # utils.budget.TimeBudget with --max_train_time: the schedule runs over elapsed time
-    segments = None  # utils.segments.RunSegments: the run so far, recorded in each checkpoint
+    time_budget = None  # utils.train.budget.TimeBudget with --max_train_time: the schedule runs over elapsed time
+    segments = None  # utils.train.segments.RunSegments: the run so far, recorded in each checkpoint
 
     def train(self, *args, **kwargs):
         if self.segments is not None:
@@ -60,7 +60,7 @@ class MLMTrainer(XLAAutocast, Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None and self.time_budget is None:
             # warmup_stable_decay's decay may be a fraction of the steps, as warm-up may (the
-            # from-scratch recipe gives it so: utils/recipe.py).
+            # from-scratch recipe gives it so: utils/train/recipe.py).
             kwargs = self.args.lr_scheduler_kwargs or {}
             decay = kwargs.get("num_decay_steps") if isinstance(kwargs, dict) else None
             if str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) == \
@@ -99,7 +99,7 @@ class MLMTrainer(XLAAutocast, Trainer):
         # trainer_state.json is written last) has it: a resume then starts the stream there.
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.stream_position is not None:
-            from utils.streaming import save_position
+            from utils.data.streaming import save_position
 
             save_position(folder, self.args.process_index, self.args.world_size, self.stream_position)
         if self.time_budget is not None and self.args.should_save:
@@ -108,7 +108,7 @@ class MLMTrainer(XLAAutocast, Trainer):
             self.segments.save(folder, self)  # the run so far: a resumed run reports the whole run
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            from utils.checkpoints import match_weight_file_modes
+            from utils.train.checkpoints import match_weight_file_modes
 
             match_weight_file_modes(folder)
 
@@ -116,7 +116,7 @@ class MLMTrainer(XLAAutocast, Trainer):
         # A checkpoint stores a tied weight (the MLM decoder's, BERT's decoder bias) under one
         # of its names; the others are "missing" although loading filled them. Warn only
         # about keys that are really missing.
-        from utils.modeling import tied_parameter_names
+        from utils.model.modeling import tied_parameter_names
 
         tied = tied_parameter_names(self.model)
         load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
@@ -143,9 +143,9 @@ class MLMTrainer(XLAAutocast, Trainer):
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, collator,
                   callbacks=None, tokens_per_step: int | None = None) -> Trainer:
-    """A Trainer for a model whose forward computes the MLM loss (see `utils.mlm_head.install_mlm_head`).
+    """A Trainer for a model whose forward computes the MLM loss (see `utils.model.mlm_head.install_mlm_head`).
 
-    `training_args` as `utils.effective_args.settle` left them (it applies `adjust_training_args`).
+    `training_args` as `utils.train.effective_args.settle` left them (it applies `adjust_training_args`).
     """
     accuracy = MaskedAccuracy() if eval_dataset is not None else None
     callbacks = [*(callbacks or []), *([accuracy] if accuracy else [])]

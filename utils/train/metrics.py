@@ -9,7 +9,7 @@ import evaluate
 import torch
 from transformers import TrainerCallback
 
-METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "masked_accuracy"
+METRIC_DIR = Path(__file__).resolve().parents[2] / "metrics" / "masked_accuracy"
 
 
 class MaskedAccuracy(TrainerCallback):

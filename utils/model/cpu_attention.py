@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.cpu_dropout import fast_dropout
+from utils.model.cpu_dropout import fast_dropout
 
 ATTENTION_NAME = "run_mlm_cpu"
 MATMUL_MAX_KEYS = 512  # without dropout, longer sequences go to SDPA's fused kernel (see cpu_attention)

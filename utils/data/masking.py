@@ -26,7 +26,7 @@ from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 logger = logging.getLogger(__name__)
 
 WORD_STARTS = "word_starts"
-STREAM_POSITION = "stream_position"  # as utils.streaming names it (this module imports no data code)
+STREAM_POSITION = "stream_position"  # as utils.data.streaming names it (this module imports no data code)
 _MASK64 = (1 << 64) - 1
 EVAL_MLM_PROBABILITY = 0.15  # the evaluation set's default selection rate (BERT's)
 _EVAL = 1 << 40  # the "step" of the evaluation set's masks: never a training step
@@ -56,7 +56,7 @@ class MLMCollator(DataCollatorForLanguageModeling):
     draws for its own rows only, whatever the number of processes and accumulation steps
     (64 GPUs x 8 accumulation steps cost each process what one does). The collator then
     only pads; `mask_batch` draws the masks on the main process, where the optimizer step
-    is known (`utils.training.MLMTrainer` calls it for each step's batches). A run on 1 or
+    is known (`utils.train.trainer.MLMTrainer` calls it for each step's batches). A run on 1 or
     N processes, with 0 or N dataloader workers, with or without gradient accumulation, or
     resumed from a checkpoint therefore masks the same tokens of the same examples. Without
     a seed, each batch is masked when collated, from torch's random generator.
@@ -120,7 +120,7 @@ class MLMCollator(DataCollatorForLanguageModeling):
         starts = positions = None
         if isinstance(examples[0], dict) and (WORD_STARTS in examples[0] or STREAM_POSITION in examples[0]):
             starts = [e[WORD_STARTS] for e in examples] if WORD_STARTS in examples[0] else None
-            # Streamed rows: where the stream goes on after each (utils.training.MLMTrainer keeps the last).
+            # Streamed rows: where the stream goes on after each (utils.train.trainer.MLMTrainer keeps the last).
             positions = ([e[STREAM_POSITION] for e in examples] if STREAM_POSITION in examples[0] else None)
             examples = [{k: v for k, v in e.items() if k not in (WORD_STARTS, STREAM_POSITION)} for e in examples]
         batch = pad_without_fast_tokenizer_warning(
@@ -272,7 +272,7 @@ def build_collator(tokenizer, data_args, training_args=None, max_predictions: in
     """
     layout = {}
     if training_args is not None:
-        from utils.distributed import processes
+        from utils.train.distributed import processes
 
         who = processes(training_args)
         layout = {

@@ -13,8 +13,8 @@ from pathlib import Path
 from datasets import IterableDataset
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from utils.data.tokenizer_kinds import KIND_NAMES, choose, unknown_rate
 from utils.errors import UsageError, one_line
-from utils.tokenizer_kinds import KIND_NAMES, choose, unknown_rate
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def train_wordpiece_tokenizer(
     texts: Iterator[list[str]] | Iterator[str], vocab_size: int, lowercase: bool = True, model_max_length: int = 512
 ) -> PreTrainedTokenizerFast:
     """Train a BERT WordPiece tokenizer ([CLS] text [SEP], BertTokenizer) on `texts` (strings or batches of them)."""
-    from utils.tokenizer_kinds import train_tokenizer
+    from utils.data.tokenizer_kinds import train_tokenizer
 
     return train_tokenizer(texts, "bert", "wordpiece", vocab_size, lowercase, model_max_length)
 
@@ -37,7 +37,7 @@ def _text_batches(dataset, text_column: str, max_chars: int = STREAM_SAMPLE_CHAR
     A bounded sample: memory and time stay flat on a multi-GB corpus (the trainer's word
     counts grow with the text it reads), and every part of the corpus is represented.
     """
-    from utils.data import count_characters
+    from utils.data.pipeline import count_characters
 
     total = count_characters(dataset, text_column)
     stride = max(1, -(-total // max_chars))
@@ -61,7 +61,7 @@ def train_or_load_cached_tokenizer(
     vocabularies (tie-breaking in hash-map order, huggingface/tokenizers#1794). The
     tokenizer returned is the one loaded back from the cache: what any later load gives.
     """
-    from utils.tokenizer_kinds import train_tokenizer
+    from utils.data.tokenizer_kinds import train_tokenizer
 
     kind, lowercase, class_name = choose(model_type, kind, lowercase)
     key = f"{train_dataset._fingerprint}-{text_column}-{vocab_size}-{lowercase}-{model_max_length}-{kind}-{class_name}"
@@ -103,7 +103,7 @@ def sample_stream(stream, text_column: str, max_chars: int = STREAM_SAMPLE_CHARS
     """
     from datasets import Dataset
 
-    from utils.streaming import iter_texts
+    from utils.data.streaming import iter_texts
 
     texts, chars, digest = [], 0, hashlib.sha256()
     for text in iter_texts(stream, text_column):
@@ -150,15 +150,15 @@ def load_or_train_tokenizer(model_args, data_args, raw_datasets, checkpoint, tra
     text, of the kind the model family uses or --tokenizer_type says (by rank 0 only, then
     sent to the other processes: two trainings need not give the same vocabulary).
     """
-    from utils.corpus import run_cache_dir
-    from utils.data import text_column_of
+    from utils.data.corpus import run_cache_dir
+    from utils.data.pipeline import text_column_of
 
     if model_args.tokenizer_name or model_args.model_name_or_path:
         flag = "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path"
         name = getattr(model_args, flag)
         tokenizer, source = load_pretrained_tokenizer(name, model_args, flag), f"`{name}` (--{flag})"
     elif getattr(data_args, "tokenized_dataset_path", None):
-        from utils.prepared import load_prepared_tokenizer
+        from utils.data.prepared import load_prepared_tokenizer
 
         tokenizer = load_prepared_tokenizer(data_args.tokenized_dataset_path)
         source = f"the prepared data's, `{data_args.tokenized_dataset_path}`"
@@ -192,14 +192,14 @@ def family_model_type(model_args) -> str | None:
     """The model type whose family's tokenizer to train: --model_type, else --config_name's."""
     if model_args.model_type or not model_args.config_name:
         return model_args.model_type
-    from utils.modeling import load_config
+    from utils.model.modeling import load_config
 
     return load_config(model_args).model_type
 
 
 def report_own_padding(tokenizer, source: str) -> None:
     """Say, in one line, that padding or truncation saved in the tokenizer is ignored for the training data."""
-    from utils.encoding import own_padding
+    from utils.data.encoding import own_padding
 
     what = own_padding(tokenizer)
     if what:
@@ -217,7 +217,7 @@ def share_tokenizer(training_args, make_tokenizer, cache_root: Path):
     """
     import tempfile
 
-    from utils.distributed import compute_once
+    from utils.train.distributed import compute_once
 
     def files_of_new_tokenizer():
         with tempfile.TemporaryDirectory() as tmp:

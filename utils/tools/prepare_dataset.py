@@ -1,14 +1,14 @@
 """Tokenize and pack a corpus once, write it to disk in shards, and train from it on any number of machines.
 
     # the same args file (or flags) as the training run, plus where to write
-    python -m utils.prepare_dataset configs/quickstart.yaml --tokenized_dataset_path data/quickstart-128
-    python /path/to/run_mlm/utils/prepare_dataset.py ...       # the same, from any directory
+    python -m utils.tools.prepare_dataset configs/quickstart.yaml --tokenized_dataset_path data/quickstart-128
+    python /path/to/run_mlm/utils/tools/prepare_dataset.py ...       # the same, from any directory
 
     # then train without touching the raw text or the tokenizer again
     accelerate launch --config_file accelerate_configs/multi_node.yaml run_mlm.py configs/quickstart.yaml \\
         --tokenized_dataset_path data/quickstart-128
 
-What the directory holds and how a run checks it: utils/prepared.py. The arguments are
+What the directory holds and how a run checks it: utils/data/prepared.py. The arguments are
 run_mlm.py's (a prepared dataset is what that run would tokenize), plus PrepareArguments.
 """
 
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run by its path: make the checkout (utils/, run_mlm.py) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from utils.data.prepared import check_target, write_prepared  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
-from utils.prepared import check_target, write_prepared  # noqa: E402
 
 
 @dataclass
@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The run's own arguments: a prepared dataset is what that run would tokenize.
     from run_mlm import DataTrainingArguments, DownstreamCheckArguments, ModelArguments
-    from utils import data, modeling
-    from utils import tokenizer as tokenizers
     from utils.args import parse_args
+    from utils.data import pipeline
+    from utils.data import tokenizer as tokenizers
     from utils.logs import setup_tool_logging
+    from utils.model import modeling
 
     setup_tool_logging()  # run_mlm's format
     # run_mlm's args file as it is (its downstream_* keys are accepted, and do not apply here).
@@ -63,13 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_target(path, prepare_args.overwrite)  # before the work, not only when writing
 
     started = time.time()
-    raw = data.load_text(data_args, model_args, training_args)
+    raw = pipeline.load_text(data_args, model_args, training_args)
     # The tokenizer the run would use, not the one of a dataset prepared earlier at the same path.
     source_args = dataclasses.replace(data_args, tokenized_dataset_path=None)
     tokenizer, source = tokenizers.load_or_train_tokenizer(model_args, source_args, raw, None, training_args)
     _, block_size = modeling.config_and_block_length(model_args, tokenizer, data_args.max_seq_length)
     stats: dict = {}
-    blocks = data.preprocess_datasets(raw, tokenizer, data_args, block_size, stats=stats)
+    blocks = pipeline.preprocess_datasets(raw, tokenizer, data_args, block_size, stats=stats)
     manifest = write_prepared(path, blocks, tokenizer, block_size, data_args, stats,
                               prepare_args.max_shard_size, prepare_args.overwrite)
     seconds = time.time() - started

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.masking import eval_probability
+from utils.data.masking import eval_probability
 
 # Never written to disk: credentials.
 SECRET_FIELDS = {"token", "hub_token"}
@@ -125,7 +125,7 @@ def _token_counts(data_stats: dict) -> list[str]:
 
 def _usage(output_dir: str, mask_token: str, fill_mask: tuple[list[str], list] | None) -> list[str]:
     """The card's "Use" section: the run's own fill-mask sentences, and what the model answered."""
-    from utils.fill_mask import adapt_mask_token
+    from utils.tools.fill_mask import adapt_mask_token
 
     sentences, predictions = fill_mask if fill_mask else ([f"A {mask_token} example."], None)
     lines = ["", "## Use", "", "```python", "from transformers import pipeline", "",
@@ -138,7 +138,8 @@ def _usage(output_dir: str, mask_token: str, fill_mask: tuple[list[str], list] |
             answers = " / ".join(", ".join(c["token_str"].strip() for c in candidates) for candidates in per_mask)
             lines.append(f"- {adapt_mask_token(sentence, mask_token)} -> {answers}")
         lines.append("")
-    lines += [f"Or: `python -m utils.fill_mask {output_dir} \"... {mask_token} ...\"` from the run_mlm checkout.", ""]
+    lines += [f"Or: `python -m utils.tools.fill_mask {output_dir} \"... {mask_token} ...\"` from the run_mlm checkout.",
+              ""]
     return lines
 
 
@@ -173,7 +174,7 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
                      data_stats: dict | None = None, fill_mask: tuple[list[str], list] | None = None) -> Path:
     """Write README.md in `output_dir`: what was trained, on what, how, the results and how to rerun it.
 
-    `data_stats`: per split, the counts `utils.data.preprocess_datasets` (or a prepared
+    `data_stats`: per split, the counts `utils.data.pipeline.preprocess_datasets` (or a prepared
     dataset's manifest) gives: tokens, characters, tokens lost. `fill_mask`: the run's
     fill-mask sentences and the trained model's predictions, shown as the usage example.
     """
@@ -182,7 +183,7 @@ def write_model_card(output_dir: str, model, model_args, data_args, training_arg
     import torch
     import transformers
 
-    from utils.modeling import count_parameters
+    from utils.model.modeling import count_parameters
 
     name = Path(output_dir).resolve().name
     n_params = count_parameters(model)

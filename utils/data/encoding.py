@@ -97,7 +97,7 @@ def _exact_backend(tokenizer):
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and not is_exact(tokenizer):
         raise ValueError(f"the tokenizer {own_padding(tokenizer) or 'splits special tokens unlike its wrapper'}:"
-                         " encode with utils.encoding.exact_copy(tokenizer)")
+                         " encode with utils.data.encoding.exact_copy(tokenizer)")
     return backend
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from utils.backend import Backend
-from utils.distributed import compute_once
 from utils.errors import UsageError
+from utils.train.distributed import compute_once
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def apply_precision(training_args, precision: str, shapes: list[tuple[int, int, 
     The TPU launcher does not pass the config's mixed_precision to the processes, so
     without this a TPU run would train in fp32.
 
-    On XLA, bf16 is autocast by the Trainer (`utils.xla.XLAAutocast`), with fp32 weights,
+    On XLA, bf16 is autocast by the Trainer (`utils.train.xla.XLAAutocast`), with fp32 weights,
     and accelerate is told "no": given "bf16" on a TPU, accelerate exports XLA_USE_BF16=1,
     which stores every weight, gradient and optimizer state in bf16 (and Pallas kernels
     refuse it). `training_args.xla_autocast_bf16` says which happened.

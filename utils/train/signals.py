@@ -11,10 +11,10 @@ import torch
 from transformers import TrainerCallback
 
 from utils.backend import Backend
-from utils.checkpoints import last_complete_checkpoint
-from utils.distributed import vote_group
 from utils.errors import RunError
-from utils.xla import PreemptionVote
+from utils.train.checkpoints import last_complete_checkpoint
+from utils.train.distributed import vote_group
+from utils.train.xla import PreemptionVote
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class GracefulStop(TrainerCallback):
 
     On XLA (TPU) the training runs in threads, where Python installs no signal handlers;
     there XLA's own preemption sync manager catches SIGTERM and picks the step at which
-    every process stops (`utils.xla.PreemptionVote`). SIGINT is not caught there.
+    every process stops (`utils.train.xla.PreemptionVote`). SIGINT is not caught there.
     """
 
     def __init__(self):
@@ -52,7 +52,7 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
         self._group = None
         self._vote = None  # (tensor, work) of the all-reduce started at the last step end
-        self._xla = None  # utils.xla.PreemptionVote on XLA
+        self._xla = None  # utils.train.xla.PreemptionVote on XLA
 
     def on_train_begin(self, args, state, control, **kwargs):
         if Backend.of(args).xla:

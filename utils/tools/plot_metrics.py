@@ -1,7 +1,7 @@
 """A picture of a run: train and eval loss, and the learning rate, against steps and tokens seen.
 
-    python -m utils.plot_metrics OUTPUT_DIR            # writes OUTPUT_DIR/loss_curve.png
-    python -m utils.plot_metrics OUTPUT_DIR --out x.png
+    python -m utils.tools.plot_metrics OUTPUT_DIR            # writes OUTPUT_DIR/loss_curve.png
+    python -m utils.tools.plot_metrics OUTPUT_DIR --out x.png
 
 Reads `trainer_state.json` (in the output directory, or its newest checkpoint). run_mlm.py
 writes the plot at the end of every run.
@@ -40,7 +40,7 @@ def read_history(state_file: Path) -> dict:
         for key in series:
             if key in entry:
                 series[key].append((entry["step"], entry[key]))
-        # run_mlm logs `tokens_seen` (utils.callbacks.ThroughputCallback); the Trainer's own
+        # run_mlm logs `tokens_seen` (utils.train.callbacks.ThroughputCallback); the Trainer's own
         # counter (--include_num_input_tokens_seen) is `num_input_tokens_seen`.
         seen = entry.get("tokens_seen", entry.get("num_input_tokens_seen"))
         if seen is not None and entry.get("step"):

@@ -1,6 +1,6 @@
 """Fill-mask predictions from a trained model.
 
-    python -m utils.fill_mask OUTPUT_DIR "The [MASK] of the list is returned." [--top_k 5]
+    python -m utils.tools.fill_mask OUTPUT_DIR "The [MASK] of the list is returned." [--top_k 5]
 
 Write the mask as [MASK] or <mask>: it is replaced with the tokenizer's own mask token.
 """

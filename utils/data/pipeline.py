@@ -15,9 +15,9 @@ from datasets import Dataset, DatasetDict, Features, LargeList, Value, load_data
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
-from utils.encoding import check_no_padding, encode_to_arrays, encode_with_word_starts, exact_copy, word_starts_of
+from utils.data.encoding import check_no_padding, encode_to_arrays, encode_with_word_starts, exact_copy, word_starts_of
+from utils.data.masking import WORD_STARTS
 from utils.errors import UsageError, one_line
-from utils.masking import WORD_STARTS
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def load_raw_datasets(data_args, model_args, train_files: list[str] | None = Non
                     raise UsageError(describe_load_error(e, files, flag)) from e
                 if not data_args.streaming:  # the text column exists (before any split hides the problem)
                     text_column_of(raw[split], data_args.text_column_name)
-    # A stream has no length to take a percentage of: streaming holds out blocks instead (utils.streaming).
+    # A stream has no length to take a percentage of: streaming holds out blocks instead (utils.data.streaming).
     if "validation" not in raw and "train" in raw and data_args.validation_split_percentage > 0 \
             and not data_args.streaming:
         raw["validation"], raw["train"] = split_off_validation(raw["train"], data_args.validation_split_percentage)
@@ -165,8 +165,8 @@ def find_undecodable(path: str) -> tuple[int, int, str] | None:
 
 def load_text(data_args, model_args, training_args) -> DatasetDict:
     """The raw text splits, building the builtin corpus first when one is asked for (main process first)."""
-    from utils import distributed
-    from utils.corpus import build_corpus
+    from utils.data.corpus import build_corpus
+    from utils.train import distributed
 
     train_files = None
     if data_args.builtin_corpus:
@@ -232,7 +232,7 @@ def tokenize_batch(batch: pa.Table, tokenizer, text_column: str, dtype: str,
                    with_word_starts: bool = False) -> pa.Table:
     """`datasets.map` function (arrow format): one row of token ids per non-blank text, nothing else.
 
-    `tokenizer` is exact (`utils.encoding.exact_copy`). Attention masks and token type ids are
+    `tokenizer` is exact (`utils.data.encoding.exact_copy`). Attention masks and token type ids are
     implied by full blocks, so they are not stored; ids take the smallest integer type (a
     quarter of the int64 the reference stores). With `with_word_starts` (whole-word masking,
     fast tokenizers), a `word_starts` row too: one byte per token.
@@ -282,7 +282,7 @@ class BlockPacker:
     """Cut a stream of token sequences into blocks of `block_size`, carrying the remainder along.
 
     The one packer of the project: the prepared datasets (Arrow arrays, `pack_dataset`) and
-    the streamed ones (numpy arrays, `utils.streaming`) both cut their blocks here. Only the
+    the streamed ones (numpy arrays, `utils.data.streaming`) both cut their blocks here. Only the
     tail of the whole stream (less than one block) is lost, unlike grouping each
     `datasets.map` batch on its own (the reference's `group_texts`), which drops a partial
     block per batch of texts. Columns of any element type (token ids, word starts) are cut
@@ -378,7 +378,7 @@ def preprocess_datasets(raw: DatasetDict, tokenizer, data_args, max_seq_length: 
     """Tokenize `raw` and turn it into training examples (fixed blocks, or one per line).
 
     Every text gets exactly the ids `tokenizer(text)` gives, whatever padding or truncation
-    the tokenizer's saved state holds (utils.encoding); line_by_line truncates at
+    the tokenizer's saved state holds (utils.data.encoding); line_by_line truncates at
     `max_seq_length`. Results go to the `datasets` cache: run it on the main process first,
     and the others read the cache instead of tokenizing again. Blocks keep tokens across
     batches of texts: at most one partial block per split is lost. Counts (blocks, tokens,
@@ -469,7 +469,7 @@ def report_cache_reuse(datasets, started: float, training_args) -> None:
     A cache file written after this process started its maps means it tokenized again
     (for instance because the cache is not on a filesystem the processes share).
     """
-    from utils.distributed import process_logger, processes
+    from utils.train.distributed import process_logger, processes
 
     who = processes(training_args)
     if who.world <= 1 or who.local_rank == 0:

@@ -1,9 +1,9 @@
 """Did the MLM training help? Fine-tune each model on the same labelled task over several seeds, and compare.
 
-    python -m utils.downstream --models base=bert-base-uncased adapted=outputs/my-bert \\
+    python -m utils.tools.downstream --models base=bert-base-uncased adapted=outputs/my-bert \\
         --train_file train.csv --validation_file dev.csv --label_column_name label --seeds 5 \\
         --output_dir outputs/downstream
-    accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m utils.downstream ARGS
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m utils.tools.downstream ARGS
 
 Every model is fine-tuned for sequence classification (AutoModelForSequenceClassification,
 the Trainer) on the same splits, with the same seeds and hyperparameters (any
@@ -31,14 +31,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run by its path: make the checkout importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from utils.backend import Backend
 from utils.errors import UsageError, one_line  # noqa: E402
-from utils.precision import PRECISIONS  # noqa: E402
+from utils.train.precision import PRECISIONS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ def load_task(args, training_args):
     """The splits as {split: Dataset(text[, text_pair], label)}, the label names, and a one-line description."""
     from datasets import Dataset, DatasetDict, load_dataset
 
-    from utils.data import find_text_column, resolve_data_files
+    from utils.data.pipeline import find_text_column, resolve_data_files
 
     files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
     if args.builtin_task:
-        from utils.corpus import build_labelled_task
+        from utils.data.corpus import build_labelled_task
 
         with training_args.main_process_first(desc="building the task"):
             files.update(build_labelled_task(args.builtin_task, args.cache_dir))
@@ -162,7 +162,7 @@ def load_task(args, training_args):
 
 def tokenize(task, tokenizer, max_seq_length: int, pad: bool):
     """Token ids of every split, truncated to `max_seq_length` (padded to it on XLA, where shapes must not vary)."""
-    from utils.encoding import exact_copy
+    from utils.data.encoding import exact_copy
 
     exact = exact_copy(tokenizer)
 
@@ -241,8 +241,8 @@ def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed
     """Fine-tune `source` once with `seed`; returns validation (and test) accuracy and macro-F1, and the seconds."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
-    from utils.cpu import speed_up_for_cpu
-    from utils.xla import XLAAutocast, start_replicas_equal
+    from utils.model.cpu import speed_up_for_cpu
+    from utils.train.xla import XLAAutocast, start_replicas_equal
 
     class _Trainer(XLAAutocast, Trainer):  # bf16 on a TPU as run_mlm trains it (autocast, fp32 weights)
         pass
@@ -306,13 +306,13 @@ def compare(args, training_args, command_line: bool = False, cards: set[str] | N
     """
     from transformers import AutoConfig
 
-    from utils import xla
-    from utils.corpus import run_cache_dir
+    from utils.data.corpus import run_cache_dir
+    from utils.data.prepared import tokenizer_fingerprint
+    from utils.data.tokenizer import load_pretrained_tokenizer
     from utils.logs import log_process
-    from utils.precision import apply_precision, gemm_shapes
-    from utils.prepared import tokenizer_fingerprint
-    from utils.tokenizer import load_pretrained_tokenizer
-    from utils.training import adjust_training_args
+    from utils.train import xla
+    from utils.train.precision import apply_precision, gemm_shapes
+    from utils.train.trainer import adjust_training_args
 
     training_args.save_strategy = "no"
     adjust_training_args(training_args)  # run_mlm's: batch-wise metrics, all columns to the collator, no pinning
@@ -518,10 +518,10 @@ def add_card_section(model_dir: Path, table: str, summary: dict) -> None:
                                 "training step (does pretraining help at all?). ",
                 START_NAME: f"`{START_NAME}` is the checkpoint training started from. "}.get(names[0], "")
     section = [CARD_SECTION, "", f"Task: {task.get('name', 'the labelled data')} ({len(task['labels'])} labels). "
-               + baseline + "Each model fine-tuned for sequence classification with `utils/downstream.py`, the same "
-               f"seeds ({', '.join(map(str, hyper['seeds']))}) and hyperparameters for every model (learning rate "
-               f"{hyper['learning_rate']}, {hyper['num_train_epochs']} epochs, batch {batch}, sequences of "
-               f"{hyper['max_seq_length']} tokens):", "", table, ""]
+               + baseline + "Each model fine-tuned for sequence classification with `utils/tools/downstream.py`, "
+               f"the same seeds ({', '.join(map(str, hyper['seeds']))}) and hyperparameters for every model "
+               f"(learning rate {hyper['learning_rate']}, {hyper['num_train_epochs']} epochs, batch {batch}, "
+               f"sequences of {hyper['max_seq_length']} tokens):", "", table, ""]
     card.write_text(text.rstrip() + "\n\n" + "\n".join(section), encoding="utf-8")
 
 
@@ -579,10 +579,10 @@ def main(argv: list[str] | None = None, command_line: bool = False) -> dict:
     """Parse the arguments, compare the models, write the results; returns the summary."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from utils import distributed
     from utils.args import given_keys, parse_args
-    from utils.cpu_process import fit_cpu_threads
     from utils.logs import setup_logging
+    from utils.train import distributed
+    from utils.train.cpu_process import fit_cpu_threads
 
     distributed.join_cpu_process_group()
     parser = HfArgumentParser((DownstreamArguments, TrainingArguments))

@@ -1,0 +1,1 @@
+"""Tools around a run, each `python -m utils.tools.NAME`: prepare data, fill masks, plot metrics, downstream checks."""
