@@ -142,7 +142,7 @@ def test_streaming_holds_out_evaluation_blocks_and_shards_training(tmp_path, tok
 def test_accelerate_gives_each_process_its_own_part_of_the_stream(tmp_path, tokenizer):
     # What the Trainer's accelerator does with the stream when run_mlm sets dispatch_batches=False.
     from accelerate.data_loader import prepare_data_loader
-    from torch.utils.data.pipeline import DataLoader
+    from torch.utils.data import DataLoader
 
     path = tmp_path / "train.txt"
     path.write_text("\n".join(TEXTS) + "\n")
