@@ -68,8 +68,11 @@ def run_args(out, task, models, *extra):
             "--precision", "fp32", "--disable_tqdm", "true", "--logging_steps", "50", *extra]
 
 
-def test_comparison_beats_the_majority_and_writes_everything(tmp_path, task, tiny_model, capfd):
-    summary = main(run_args(tmp_path / "out", task, [f"base={tiny_model}", f"again={tiny_model}"]))
+def test_comparison_beats_the_majority_and_writes_everything(tmp_path, task, tiny_model, capfd, caplog):
+    with caplog.at_level("INFO", logger="utils.tools.downstream"):
+        summary = main(run_args(tmp_path / "out", task, [f"base={tiny_model}", f"again={tiny_model}"]))
+    # Its changes to the TrainingArguments are made in one place (utils.train.effective_args) and logged once.
+    assert "Set by this tool:\n  save_strategy: 'steps' -> 'no' (a fine-tuning run is scored, not kept)" in caplog.text
     # transformers' LOAD REPORT table (4 loads here) only says that the classifier is new: not shown (issue #31).
     output = "".join(capfd.readouterr())
     assert "LOAD REPORT" not in output and "\x1b[" not in output and "were not sharded" not in output

@@ -68,7 +68,6 @@ class MLMCollator(DataCollatorForLanguageModeling):
 
     rank: int = 0
     world_size: int = 1
-    accumulation_steps: int = 1
     whole_words: bool = False
     max_predictions: int | None = None
     eval_probability: float | None = None  # the evaluation set's selection rate (None: mlm_probability)
@@ -279,7 +278,6 @@ def build_collator(tokenizer, data_args, training_args=None, max_predictions: in
             "seed": training_args.seed,
             "rank": who.rank,
             "world_size": who.world,
-            "accumulation_steps": training_args.gradient_accumulation_steps,
         }
     # Rows padded to the longest of the batch (line_by_line) get lengths that suit matrix
     # units (tensor cores, AMX tiles) unless the user chose a multiple.

@@ -311,15 +311,9 @@ def compare(args, training_args, command_line: bool = False, cards: set[str] | N
     from utils.data.tokenizer import load_pretrained_tokenizer
     from utils.logs import log_process
     from utils.train import xla
-    from utils.train.precision import apply_precision, gemm_shapes
-    from utils.train.trainer import adjust_training_args
+    from utils.train.effective_args import settle_for_finetuning
+    from utils.train.precision import gemm_shapes
 
-    training_args.save_strategy = "no"
-    adjust_training_args(training_args)  # run_mlm's: batch-wise metrics, all columns to the collator, no pinning
-    on_xla = xla.on_xla(training_args)
-    if on_xla:
-        xla.adapt_for_xla(training_args, SimpleNamespace(line_by_line=False, pad_to_max_length=True))
-    task, info = load_task(args, training_args)
     sources = model_sources(args.models)
     configs = []
     for name, source in sources:  # every model loads before any is trained
@@ -329,8 +323,12 @@ def compare(args, training_args, command_line: bool = False, cards: set[str] | N
             raise UsageError(f"--models {name}={source}: not a local model directory nor a hub id that resolves "
                              f"({one_line(e)})") from e
     shapes = gemm_shapes(configs[0], training_args.per_device_train_batch_size * args.max_seq_length)
-    apply_precision(training_args, args.precision, shapes, run_cache_dir(args.cache_dir))
+    settled = settle_for_finetuning(args, training_args, precision_shapes=shapes,
+                                    cache_dir=run_cache_dir(args.cache_dir))
+    on_xla = xla.on_xla(training_args)
+    task, info = load_task(args, training_args)
     log_process(training_args)
+    logger.info("Set by this tool:\n%s", settled.describe())
     seeds = [training_args.seed + i for i in range(args.seeds)]
     logger.info("Comparing %s on %d labels (%d training, %d validation examples; majority class %.4f), seeds %s",
                 ", ".join(name for name, _ in sources), len(info["labels"]), info["train_size"],

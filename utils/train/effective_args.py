@@ -112,6 +112,29 @@ def settle(model_args, data_args, training_args, *, tensorboard_default: bool, t
     return changes
 
 
+def settle_for_finetuning(args, training_args, *, precision_shapes=None, cache_dir=None) -> Changes:
+    """The same, for utils.tools.downstream's fine-tuning runs (`args`: its DownstreamArguments): no checkpoints
+    (each model is scored, not kept), the precision, XLA's static shapes (every sequence padded to
+    --max_seq_length), and what the Trainer must do for the pipeline."""
+    from types import SimpleNamespace
+
+    from utils.train import xla
+    from utils.train.precision import apply_precision
+    from utils.train.trainer import adjust_training_args
+
+    changes = Changes(training_args)
+    with changes.step("a fine-tuning run is scored, not kept"):
+        training_args.save_strategy = "no"
+    with changes.step(f"--precision {args.precision}"):
+        apply_precision(training_args, args.precision, precision_shapes, cache_dir)
+    if xla.on_xla(training_args):
+        with changes.step("XLA: static shapes, so the graph compiles once"):
+            xla.adapt_for_xla(training_args, SimpleNamespace(line_by_line=False, pad_to_max_length=True))
+    with changes.step("the pipeline (utils.train.trainer.adjust_training_args)"):
+        adjust_training_args(training_args)
+    return changes
+
+
 def save(output_dir: str, changes: Changes, *arg_groups) -> str:
     """Write every argument as the run used it, and what this script changed, to `effective_args.json`."""
     from transformers import TrainingArguments
