@@ -251,6 +251,25 @@ def test_a_copy_of_the_model_runs_on_its_own_weights(model_type):
     assert not torch.allclose(model(input_ids=ids, attention_mask=mask, labels=labels).loss, before)
 
 
+def test_the_head_and_the_cpu_speed_ups_install_in_either_order():
+    ids, mask, labels = batch()
+    first, second = tiny("bert"), tiny("bert")
+    install_mlm_head(first)
+    speed_up_for_cpu(first, reuse_memory=False)
+    speed_up_for_cpu(second, reuse_memory=False)
+    install_mlm_head(second)
+    assert repr(first) == repr(second)
+    losses = []
+    for model in (first, second):
+        with last_layer_rows(model) as rows:
+            losses.append(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        assert rows == [most_labelled(labels)]
+        losses[-1].backward()
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
 # --- fixed prediction slots (the XLA head) ---------------------------------------------------------------
 
 SLOTS = 6  # batch() labels at most 5 positions of a row
