@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import pickle
 from copy import deepcopy
 
 import pytest
@@ -237,13 +238,16 @@ def test_the_head_shows_in_print_and_saves_as_the_familys_own_checkpoint(tmp_pat
 
 @pytest.mark.parametrize("model_type", ["bert", "distilbert", "modernbert"])
 def test_a_copy_of_the_model_runs_on_its_own_weights(model_type):
-    # nn.DataParallel's replicas and deepcopy copy the modules: the forward of the copy must
-    # use the copy's encoder and layers, not the original's.
+    # nn.DataParallel's replicas, deepcopy and pickle copy the modules: the forward of the copy
+    # must use the copy's encoder and layers, not the original's.
     ids, mask, labels = batch()
     model = tiny(model_type)
     install_mlm_head(model)
     copy = deepcopy(model)
     before = copy(input_ids=ids, attention_mask=mask, labels=labels).loss
+    unpickled = pickle.loads(pickle.dumps(model))  # torch.save(model) pickles it
+    assert repr(unpickled) == repr(model)
+    assert torch.equal(unpickled(input_ids=ids, attention_mask=mask, labels=labels).loss, before)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.zero_()

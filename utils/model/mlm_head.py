@@ -42,7 +42,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from utils.model.cpu import ATTENTION_NAME
+from utils.model.cpu_attention import ATTENTION_NAME
 from utils.model.loss import masked_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def _subclass(base: type, mixin: type, shown_as: str) -> type:
     """
     if (base, mixin) not in _CLASSES:
         # `family`: the class it came from, which torch's fully_shard renames (FSDP<name>) in turn.
-        namespace = {"__module__": __name__, "__qualname__": shown_as, "shown_as": shown_as, "family": base.__name__}
+        namespace = {"__module__": __name__, "__qualname__": shown_as, "shown_as": shown_as, "family": base.__name__,
+                     "mlm_origin": (base, mixin)}
         if "forward" in mixin.__dict__:
             # The Trainer reads the model's argument names from forward's signature.
             namespace["forward"] = functools.wraps(base.forward)(
@@ -106,7 +107,24 @@ def _subclass(base: type, mixin: type, shown_as: str) -> type:
     return _CLASSES[base, mixin]
 
 
-class MLMHead:
+def _rebuilt(base: type, mixin: type, shown_as: str, state: dict):
+    """An instance of `_subclass(base, mixin, shown_as)` with `state`: how pickle and deepcopy rebuild one."""
+    instance = _subclass(base, mixin, shown_as).__new__(_subclass(base, mixin, shown_as))
+    instance.__dict__.update(state)
+    return instance
+
+
+class _Picklable:
+    """Pickled as its family's class plus the mixin (importable names), since the subclass is made at run time."""
+
+    mlm_origin: tuple[type, type]
+    shown_as: str
+
+    def __reduce_ex__(self, protocol):
+        return _rebuilt, (*self.mlm_origin, self.shown_as, self.__dict__)
+
+
+class MLMHead(_Picklable):
     """What every model given an MLM head by `install_mlm_head` shares: its name in print(model), its settings."""
 
     shown_as: str
@@ -236,7 +254,7 @@ LAYERS = {name: _bert_layer for name in ("BertLayer", "RobertaLayer", "XLMRobert
 LAYERS["TransformerBlock"] = _distilbert_layer
 
 
-class MaskedPositionsLayer:
+class MaskedPositionsLayer(_Picklable):
     """An encoder layer that, handed `masked_positions` (rows, M), computes its output there only.
 
     What a post-LayerNorm layer computes at a position feeds only that position's output, so
