@@ -480,3 +480,6 @@ def test_a_time_budget_on_xla_agrees_through_rendezvous_and_changes_the_rate_wit
     assert rates[-1] < 0.05 * rates[0], rates
     counts = json.loads((out / "xla_compilations.json").read_text())
     assert counts["training_compilations_after_warmup"] == 0, counts
+    # Nor any log step after the first: the clock's rendezvous sends a payload of one size
+    # (its text form had a new length now and then, a new shape to compile mid-run).
+    assert sum(counts["compilations_per_log"][1:]) == 0, counts

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import struct
 import time
 
 import torch
@@ -151,8 +152,11 @@ class _XLAAgreement:
             return None
         import torch_xla.core.xla_model as xm
 
-        payloads = xm.rendezvous(f"run_mlm: time budget at step {step}", repr(elapsed).encode())
-        return step, max(float(p.decode()) for p in payloads)
+        # Eight bytes every time: the rendezvous gathers the payloads as a tensor of the longest
+        # one's size, and the number as text (its length varies with its digits) gave that tensor
+        # a new shape, so a compilation, whenever a longer one first came up mid-run.
+        payloads = xm.rendezvous(f"run_mlm: time budget at step {step}", struct.pack("<d", elapsed))
+        return step, max(struct.unpack("<d", p)[0] for p in payloads)
 
     def finish(self):
         pass
