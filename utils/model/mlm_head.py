@@ -96,8 +96,7 @@ def _subclass(base: type, mixin: type, shown_as: str) -> type:
     family's own. `print(model)` shows `shown_as` (nn.Module's `_get_name`).
     """
     if (base, mixin) not in _CLASSES:
-        # `family`: the class it came from, which torch's fully_shard renames (FSDP<name>) in turn.
-        namespace = {"__module__": __name__, "__qualname__": shown_as, "shown_as": shown_as, "family": base.__name__,
+        namespace = {"__module__": __name__, "__qualname__": shown_as, "shown_as": shown_as,
                      "mlm_origin": (base, mixin)}
         if "forward" in mixin.__dict__:
             # The Trainer reads the model's argument names from forward's signature.
@@ -109,31 +108,36 @@ def _subclass(base: type, mixin: type, shown_as: str) -> type:
 
 def _rebuilt(base: type, mixin: type, shown_as: str, state: dict):
     """An instance of `_subclass(base, mixin, shown_as)` with `state`: how pickle and deepcopy rebuild one."""
-    instance = _subclass(base, mixin, shown_as).__new__(_subclass(base, mixin, shown_as))
+    cls = _subclass(base, mixin, shown_as)  # made again in a process that unpickles it
+    instance = cls.__new__(cls)
     instance.__dict__.update(state)
     return instance
 
 
-class _Picklable:
-    """Pickled as its family's class plus the mixin (importable names), since the subclass is made at run time."""
+class _MadeAtRunTime:
+    """What the classes `_subclass` makes share: their printed name, and pickling as their family's class plus the
+    mixin (importable names), since the subclass itself is made at run time."""
 
-    mlm_origin: tuple[type, type]
     shown_as: str
+    mlm_origin: tuple[type, type]  # (the family's class, the mixin)
+
+    @property
+    def family(self) -> str:
+        """The family's class name (FAMILIES, LAYERS), whatever wraps the class later (FSDP2: FSDP<name>)."""
+        return self.mlm_origin[0].__name__
+
+    def _get_name(self):
+        return type(self).__name__.replace(self.family, self.shown_as)  # FSDPBertForMaskedLM: FSDPSparseBert...
 
     def __reduce_ex__(self, protocol):
         return _rebuilt, (*self.mlm_origin, self.shown_as, self.__dict__)
 
 
-class MLMHead(_Picklable):
+class MLMHead(_MadeAtRunTime):
     """What every model given an MLM head by `install_mlm_head` shares: its name in print(model), its settings."""
 
-    shown_as: str
-    family: str
     mlm_slots: int | None = None  # XLA's fixed number of prediction slots per row (None: as many as masked)
     mlm_last_layer: bool = False  # the last encoder layer computes the masked positions only
-
-    def _get_name(self):
-        return type(self).__name__.replace(self.family, self.shown_as)  # FSDPBertForMaskedLM: FSDPSparseBert...
 
 
 class MLMLoss(MLMHead):
@@ -254,7 +258,7 @@ LAYERS = {name: _bert_layer for name in ("BertLayer", "RobertaLayer", "XLMRobert
 LAYERS["TransformerBlock"] = _distilbert_layer
 
 
-class MaskedPositionsLayer(_Picklable):
+class MaskedPositionsLayer(_MadeAtRunTime):
     """An encoder layer that, handed `masked_positions` (rows, M), computes its output there only.
 
     What a post-LayerNorm layer computes at a position feeds only that position's output, so
@@ -264,12 +268,6 @@ class MaskedPositionsLayer(_Picklable):
     layers the model's extra keywords), so nothing is stored on the module. Without them
     (no labels, generation, pipelines) the layer is its family's own.
     """
-
-    shown_as: str
-    family: str
-
-    def _get_name(self):
-        return type(self).__name__.replace(self.family, self.shown_as)  # FSDPBertForMaskedLM: FSDPSparseBert...
 
     def extra_repr(self) -> str:
         return "given masked_positions: queries, attention output and feed-forward there only"

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run by its path: make the checkout importable
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from utils.backend import Backend
+from utils.backend import Backend  # noqa: E402
 from utils.errors import UsageError, one_line  # noqa: E402
 from utils.train.precision import PRECISIONS  # noqa: E402
 
@@ -277,14 +277,15 @@ def finetune(source: str, tokenizer, data: dict, info: dict, training_args, seed
     except OSError as e:
         raise UsageError(f"--models {source}: cannot load it as a model (not a local directory with safetensors "
                          f"weights, and not a hub id that resolves): {one_line(e)}") from e
-    if Backend.of(run_args).cpu_kernels:
+    backend = Backend.of(run_args)
+    if backend.cpu_kernels:
         speed_up_for_cpu(model, reuse_memory=command_line)
     counts = ConfusionCounts(len(labels))
     evaluation = data["validation"]
     trainer = _Trainer(model=model, args=run_args, train_dataset=data["train"], eval_dataset=evaluation,
                        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
                        compute_metrics=counts, preprocess_logits_for_metrics=predicted_labels)
-    if Backend.of(run_args).xla:  # a new classifier head: the same on every replica
+    if backend.xla:  # a new classifier head: the same on every replica
         start_replicas_equal(trainer.model, run_args.world_size)
     trainer.train()
     scores = {}

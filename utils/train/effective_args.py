@@ -71,6 +71,19 @@ class Changes(list):
         return "\n".join(f"  {change}" for change in self) or "  (none)"
 
 
+def _precision_and_shapes(changes: Changes, training_args, precision: str, shapes, cache_dir, data_args) -> None:
+    """The steps run_mlm.py and the downstream tool share: the precision, then on XLA the static shapes."""
+    from utils.train import xla
+    from utils.train.precision import apply_precision
+
+    with changes.step(f"--precision {precision}"):
+        apply_precision(training_args, precision, shapes, cache_dir)
+    if xla.on_xla(training_args):
+        with changes.step("XLA: static shapes, so the graph compiles once"):
+            for change in xla.adapt_for_xla(training_args, data_args):
+                logger.info("XLA: set %s", change)
+
+
 def settle(model_args, data_args, training_args, *, tensorboard_default: bool, time_budget_only: bool,
            stream_resumed: bool, precision_shapes=None, cache_dir=None) -> Changes:
     """Set what the run decides, in this order, and return what changed.
@@ -84,20 +97,14 @@ def settle(model_args, data_args, training_args, *, tensorboard_default: bool, t
       the checkpoint says, so the Trainer skips no batches;
     - what the Trainer must do for the MLM pipeline (utils.train.trainer.adjust_training_args).
     """
-    from utils.train import budget, xla
-    from utils.train.precision import apply_precision
+    from utils.train import budget
     from utils.train.trainer import adjust_training_args
 
     changes = Changes(model_args, data_args, training_args)
     if tensorboard_default:
         with changes.step("TensorBoard is installed; --report_to none turns it off"):
             training_args.report_to = ["tensorboard"]
-    with changes.step(f"--precision {model_args.precision}"):
-        apply_precision(training_args, model_args.precision, precision_shapes, cache_dir)
-    if xla.on_xla(training_args):
-        with changes.step("XLA: static shapes, so the graph compiles once"):
-            for change in xla.adapt_for_xla(training_args, data_args):
-                logger.info("XLA: set %s", change)
+    _precision_and_shapes(changes, training_args, model_args.precision, precision_shapes, cache_dir, data_args)
     if time_budget_only:
         with changes.step("--max_train_time alone ends the run"):
             training_args.max_steps = budget.UNBOUNDED_STEPS
@@ -118,18 +125,14 @@ def settle_for_finetuning(args, training_args, *, precision_shapes=None, cache_d
     --max_seq_length), and what the Trainer must do for the pipeline."""
     from types import SimpleNamespace
 
-    from utils.train import xla
-    from utils.train.precision import apply_precision
     from utils.train.trainer import adjust_training_args
 
     changes = Changes(training_args)
     with changes.step("a fine-tuning run is scored, not kept"):
         training_args.save_strategy = "no"
-    with changes.step(f"--precision {args.precision}"):
-        apply_precision(training_args, args.precision, precision_shapes, cache_dir)
-    if xla.on_xla(training_args):
-        with changes.step("XLA: static shapes, so the graph compiles once"):
-            xla.adapt_for_xla(training_args, SimpleNamespace(line_by_line=False, pad_to_max_length=True))
+    # Every sequence padded to --max_seq_length on XLA.
+    _precision_and_shapes(changes, training_args, args.precision, precision_shapes, cache_dir,
+                          SimpleNamespace(line_by_line=False, pad_to_max_length=True))
     with changes.step("the pipeline (utils.train.trainer.adjust_training_args)"):
         adjust_training_args(training_args)
     return changes
